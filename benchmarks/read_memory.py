@@ -12,6 +12,7 @@ Python process (so one case's memory cannot hide in another's): RSS after import
 read, from psutil when installed, else /proc/self/status (VmRSS; RssAnon, the part that is not
 file-backed page cache, where the kernel reports it). Cases:
   reader-one   CheckpointReader(folder).get(one key)                       (the target: < 200 MB for 1 GB)
+  reader-one-mmap  the same with mmap=True (zero-copy views of the file map)
   reader-all   every tensor through CheckpointReader.iter_tensors, none kept (a streaming merge's read side)
   peer-load    safetensors.torch.load_file of every shard, all kept          (the peer)
 Prints each delta and its ratio to the peer measured in the same run.
@@ -58,16 +59,16 @@ def measure(case: str, folder: str, key: str) -> dict:
     gc.collect()
     r0, t0 = rss(), time.perf_counter()
     keep = None
-    if case == 'reader-one':
-        r = CheckpointReader(folder)
+    if case in ('reader-one', 'reader-one-mmap'):
+        r = CheckpointReader(folder, mmap=case.endswith('mmap'))
         keep = r.get(key); keep.sum()          # touch every page: the tensor may be a lazy memory map
         got = keep.nbytes
     elif case == 'reader-all':
         r = CheckpointReader(folder)
         got, peak = 0, 0
         for k, t in r.iter_tensors():
-            t.sum(); got += t.nbytes; del t
-            peak = max(peak, rss()['rss'])
+            t.sum(); got += t.nbytes
+            peak = max(peak, rss()['rss']); del t
     elif case == 'peer-load':
         keep = [load_file(f) for f in sorted(Path(folder).glob('*.safetensors'))]
         got = sum(t.sum() is not None and t.nbytes for d in keep for t in d.values())
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument('--size', default='1GiB', help='checkpoint size (default 1GiB = 1.07 GB)')
     p.add_argument('--tensor_size', default='32MiB', help='size of each tensor (default 32MiB)')
     p.add_argument('--shards', type=int, default=4, help='number of shards (default 4)')
-    p.add_argument('--cases', default='reader-one,reader-all,peer-load')
+    p.add_argument('--cases', default='reader-one,reader-one-mmap,reader-all,peer-load')
     p.add_argument('--json', action='store_true', help='print one JSON object instead of a table')
     p.add_argument('--measure', nargs=3, metavar=('CASE', 'FOLDER', 'KEY'), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -112,10 +113,10 @@ def main(argv=None) -> int:
                'ratio_reader_one_to_peer': (res['reader-one']['rss_delta'] / peer) if peer and 'reader-one' in res else None}
     if a.json: print(json.dumps(summary)); return 0
     print(f'checkpoint: {total / 2**20:.0f} MiB in {len(files)} shards, tensors of {tb / 2**20:.0f} MiB (built in {t_build:.1f} s)')
-    print(f'{"case":<12} {"RSS delta":>13} {"anon delta":>13} {"peak delta":>13} {"seconds":>8} {"ratio to peer":>14}')
+    print(f'{"case":<15} {"RSS delta":>13} {"anon delta":>13} {"peak delta":>13} {"seconds":>8} {"ratio to peer":>14}')
     for c, r in res.items():
         ratio = f'{r["rss_delta"] / peer:14.3f}' if peer else ' ' * 14
-        print(f'{c:<12} {_fmt(r["rss_delta"]):>13} {_fmt(r["anon_delta"]):>13} {_fmt(r.get("rss_delta_peak")):>13} {r["seconds"]:8.2f} {ratio}')
+        print(f'{c:<15} {_fmt(r["rss_delta"]):>13} {_fmt(r["anon_delta"]):>13} {_fmt(r.get("rss_delta_peak")):>13} {r["seconds"]:8.2f} {ratio}')
     if 'reader-one' in res:
         ok = res['reader-one']['rss_delta'] < 200_000_000
         print(f'reader-one adds {_fmt(res["reader-one"]["rss_delta"]).strip()} (target < 200 MB for a 1 GB checkpoint): {"OK" if ok else "FAIL"}')

@@ -282,3 +282,34 @@ def test_upload_calls_create_repo_then_upload_folder(tmp_path, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(hub.HubUploadError, match='HF_HUB_OFFLINE'):
         hub.upload_folder_to_hub(d, 'me/merged')
+
+
+# ---------------------------------------------------------------- with the engine's output
+
+
+def test_card_from_an_engine_output_folder(tmp_path, offline_env):
+    "A folder written by vlm_merge.engine (with its mergekit_config.yml) gets the rich card with no arguments."
+    engine = pytest.importorskip('vlm_merge.engine')
+    from transformers import LlamaForCausalLM
+    srcs = []
+    for i in range(2):
+        torch.manual_seed(i)
+        d = tmp_path / f'src{i}'
+        LlamaForCausalLM(_text_config()).save_pretrained(d)
+        srcs.append(str(d))
+    cfg = {'merge_method': 'linear', 'models': [{'model': srcs[0], 'parameters': {'weight': 0.5}},
+                                                {'model': srcs[1], 'parameters': {'weight': 0.5}}], 'dtype': 'float32'}
+    out = engine.run_merge(cfg, tmp_path / 'out', progress=False)
+    assert (out / 'mergekit_config.yml').exists()
+    card = hub.make_model_card(out, repo_id='me/linear-merge')
+    assert card.data.tags == ['merge', 'vlm_merge', 'linear'] and card.data.pipeline_tag == 'text-generation'
+    assert card.data.base_model is None                          # both sources are local folders
+    assert 'arXiv:2203.05482' in card.text and all(f'`{s}` (a local folder)' in card.text for s in srcs)
+    # the engine's own minimal README is kept unless --new-card; with it the dry run shows the rich card
+    r = subprocess.run([sys.executable, '-m', 'vlm_merge.cli', 'upload', str(out), 'me/linear-merge', '--dry-run', '--new-card'],
+                       env=offline_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert '[model card: generated (replaces README.md)]' in r.stdout and 'Wortsman et al. 2022' in r.stdout
+    # the engine's MergeConfig object is accepted as it is
+    mc = engine.MergeConfig.from_dict(cfg)
+    assert hub.make_model_card(mc, model_config=json.loads((out / 'config.json').read_text())).data.tags[-1] == 'linear'

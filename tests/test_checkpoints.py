@@ -196,6 +196,17 @@ def test_missing_tensor_and_dtype(llama_dir):
     assert r.get(k, expect_dtype='fp32').dtype == torch.float32
 
 
+def test_reads_are_independent_copies(llama_dir):
+    "The merge engine may modify a tensor in place: later reads of the same name must not see it (default, pread)."
+    k = 'model.layers.0.self_attn.q_proj.weight'
+    with CheckpointReader(llama_dir[0]) as r:
+        a = r.get(k); ref = a.clone(); a.mul_(0)
+        assert torch.equal(r.get(k), ref)
+        assert torch.equal(r.get(k, device='cpu', dtype=torch.float32), ref)
+    t = CheckpointReader(llama_dir[0]).get(k)          # valid after the reader is gone
+    assert torch.equal(t, ref)
+
+
 def test_no_weights_and_missing_path(tmp_path):
     (tmp_path/'empty').mkdir()
     with pytest.raises(CheckpointError, match='empty: no weights found'): CheckpointReader(tmp_path/'empty')
@@ -250,11 +261,13 @@ def test_writer_rules(tmp_path):
     with ShardedWriter(tmp_path/'v') as w:
         base = torch.arange(12.)
         w.add('view', base[2:5]); w.add('t1', base); w.add('t2', base)    # views and the same tensor twice are stored as copies
+        w.add('tr', base.reshape(3, 4).T)                                   # non-contiguous: stored in logical order
         w.write_json('config.json', {'model_type': 'x'})
         with pytest.raises(CheckpointError, match='weight files'): w.write_text('model.safetensors', '')
         with pytest.raises(CheckpointError, match='relative'): w.write_text('../escape.txt', '')
     sd = load_file(tmp_path/'v'/'model.safetensors')
     assert torch.equal(sd['view'], torch.tensor([2., 3., 4.])) and torch.equal(sd['t2'], torch.arange(12.))
+    assert torch.equal(sd['tr'], torch.arange(12.).reshape(3, 4).T)
     assert json.loads((tmp_path/'v'/'config.json').read_text()) == {'model_type': 'x'}
 
 

@@ -320,9 +320,12 @@ def test_inspect_errors(tmp_path, monkeypatch):
     (tmp_path / 'empty').mkdir()
     rc, _, err = _run([str(tmp_path / 'empty')])
     assert rc == 1 and 'no *.safetensors' in err
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     rc, _, err = _run(['someone/not-here'])
-    assert rc == 1 and 'not a local folder' in err
+    assert rc == 1 and 'not a local folder' in err and 'someone/not-here' in err
+    rc, _, err = _run([str(tmp_path / 'no' / 'such' / 'dir')])
+    assert rc == 1 and 'no such folder' in err
 
 
 def test_console_script(tiny, tmp_path):
@@ -332,3 +335,11 @@ def test_console_script(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)['family'] == 'llama'
+
+
+def test_new_layout_on_disk(tiny, tmp_path):
+    "save_original_format=False writes the transformers 5 layout; inspect reads it as 'new'."
+    tiny['llava'].save_pretrained(tmp_path, save_original_format=False)
+    rc, out, _ = _run([str(tmp_path), '--json'])
+    r = json.loads(out)
+    assert rc == 0 and r['layouts'] == {'new': 18} and r['components']['vision'] > 0 and r['components']['projector'] == 4

@@ -1,0 +1,74 @@
+"Neuron merge: only shared rows/columns change, beta scales, errors leave no output, VLM base + text LLM B."
+import json
+import pytest, torch
+from hypothesis import given, settings, strategies as st
+from vlm_merge.anatomy import canonical_key, COL_GROUPS
+from vlm_merge.checkpoints import CheckpointReader
+from vlm_merge.detect import _tiny_models
+from vlm_merge.neuron_merge import merge_weight, neuron_merge, neuron_merge_cli
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    return _tiny_models(tmp_path_factory.mktemp('models'))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(['attn_q', 'attn_o', 'fwd_up', 'fwd_down']), st.lists(st.integers(0, 9), max_size=6, unique=True),
+       st.sampled_from(['mean', 'lora', 'pca']), st.integers(0, 1000))
+def test_only_shared_neurons_change(group, idx, method, seed):
+    g = torch.Generator().manual_seed(seed)
+    Wb, Wa, WB = (torch.randn(10, 10, generator=g) for _ in range(3))
+    out = merge_weight(Wb, Wa, WB, group, idx, method=method, lora_rank=2, pca_k=2)
+    col = group in COL_GROUPS
+    rest = [i for i in range(10) if i not in idx]
+    if col: assert torch.equal(out[:, rest], Wb[:, rest])
+    else: assert torch.equal(out[rest], Wb[rest])
+
+
+@pytest.mark.parametrize('beta', [0.25, 1.0, 2.0])
+def test_beta_scales_linearly(beta):
+    g = torch.Generator().manual_seed(1)
+    Wb, WB = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    d1 = merge_weight(Wb, Wb, WB, 'fwd_up', [0, 3, 5], method='lora', lora_rank=2, lora_beta=1.0) - Wb
+    db = merge_weight(Wb, Wb, WB, 'fwd_up', [0, 3, 5], method='lora', lora_rank=2, lora_beta=beta) - Wb
+    torch.testing.assert_close(db, beta * d1)
+    assert d1.abs().sum() > 0
+
+
+def test_vlm_base_with_llm_b(models, tmp_path):
+    base, b = models/'vlm', models/'llm'
+    shared = {'attn_v': {'1': [0, 3]}, 'fwd_down': {'1': [10, 20]}}
+    out = neuron_merge(base, base, b, shared, tmp_path/'m', method='lora', lora_rank=64, lora_beta=1.0, progress=False)
+    rb, rm, rB = CheckpointReader(base), CheckpointReader(out), CheckpointReader(b)
+    cb = {canonical_key(k): k for k in rB.keys()}
+    for k in rb.keys():
+        c = canonical_key(k)
+        if c == 'layers.1.attn_v.weight':       # full rank, beta 1, A = base: the shared rows become B's
+            torch.testing.assert_close(rm.get(k)[[0, 3]], rB.get(cb[c])[[0, 3]], rtol=1e-4, atol=1e-5)
+            assert torch.equal(rm.get(k)[[1, 2]], rb.get(k)[[1, 2]])
+        elif c == 'layers.1.fwd_down.weight':
+            torch.testing.assert_close(rm.get(k)[:, [10, 20]], rB.get(cb[c])[:, [10, 20]], rtol=1e-4, atol=1e-5)
+        else: assert torch.equal(rm.get(k), rb.get(k)), k
+    meta = json.loads((out/'neuron_merge.json').read_text())
+    assert meta['changed_tensors'] == 2 and meta['changed_neurons'] == 4
+
+
+def test_errors_leave_nothing(models, tmp_path):
+    base = models/'vlm'
+    with pytest.raises(KeyError, match='match no weight'):
+        neuron_merge(base, base, models/'llm', {'attn_q': {'7': [0]}}, tmp_path/'x', method='mean', progress=False)
+    assert not (tmp_path/'x').exists()
+    with pytest.raises(Exception, match='input'):   # never write into an input
+        neuron_merge(base, base, models/'llm', {'attn_q': {'0': [0]}}, models/'vlm'/'sub', method='mean', progress=False)
+
+
+def test_cli_beta_zero_is_base(models, tmp_path):
+    (tmp_path/'s.json').write_text(json.dumps({'attn_q': {'0': [1, 2]}, 'fwd_gate': {'1': [3]}}))
+    assert neuron_merge_cli(['--base', str(models/'llm'), '--model_a', str(models/'llm'), '--model_b', str(models/'llm2'),
+                            '--json', str(tmp_path/'s.json'), '--output_dir', str(tmp_path/'o'), '--lora_beta', '0']) == 0
+    out = tmp_path/'o'
+    ra, ro = CheckpointReader(models/'llm'), CheckpointReader(out)
+    assert all(torch.equal(ra.get(k), ro.get(k)) for k in ra.keys())
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)

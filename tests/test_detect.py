@@ -112,3 +112,27 @@ def test_cli_subprocess(models, corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = read_neuron_json(tmp_path/'llm_gsm.json')
     assert set(d) == set(GROUPS) and (tmp_path/'llm_gsm.scores.safetensors').exists()
+
+
+@pytest.mark.parametrize('family', ['llama', 'mistral', 'qwen2', 'gemma2', 'phi3', 'llava', 'llava_next', 'idefics3', 'qwen2_vl', 'qwen2_5_vl'])
+def test_every_tiny_family(family):
+    "Hooks find every group through the anatomy table: one score per neuron, padding excluded, fused rows split."
+    from vlm_merge.anatomy import tiny_model, head_geometry
+    m = tiny_model(family)
+    geom = head_geometry(m.config)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids); mask[1, 6:] = 0
+    grab = {}
+    an = ModelAnatomy(m); ref = an.ref(1, 'fwd_up')
+    h = ref.module.register_forward_hook(lambda mod, a, o: grab.update(y=o.detach()))
+    with ActivationRecorder(m) as rec, torch.no_grad():
+        rec.set_mask(mask); m(input_ids=ids, attention_mask=mask)
+    h.remove()
+    sc = rec.scores()
+    assert set(sc) == set(GROUPS) and not rec.unmasked
+    for g in GROUPS:
+        assert sc[g].shape == (geom.n_layers, geom.n_neurons(g)), g
+        assert torch.isfinite(sc[g]).all() and (sc[g] >= 0).all()
+    y = grab['y'] if ref.rows is None else grab['y'][..., ref.rows]
+    want = (y.abs() * mask[..., None]).sum((0, 1)) / mask.sum()
+    torch.testing.assert_close(sc['fwd_up'][1], want, rtol=1e-4, atol=1e-6)

@@ -72,3 +72,22 @@ def test_cli_beta_zero_is_base(models, tmp_path):
     assert all(torch.equal(ra.get(k), ro.get(k)) for k in ra.keys())
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_fused_phi3(tmp_path):
+    "Phi-3 keeps q/k/v in one qkv_proj: a shared attn_k neuron changes exactly row q_dim + j of it."
+    from vlm_merge.anatomy import tiny_model, head_geometry
+    for s, n in ((0, 'a'), (1, 'b')): tiny_model('phi3', seed=s).save_pretrained(tmp_path/n)
+    g = head_geometry(json.loads((tmp_path/'a'/'config.json').read_text()))
+    out = neuron_merge(tmp_path/'a', tmp_path/'a', tmp_path/'b', {'attn_k': {'0': [2]}, 'fwd_up': {'1': [5]}}, tmp_path/'m',
+                       method='mean', progress=False)
+    ra, rb, rm = CheckpointReader(tmp_path/'a'), CheckpointReader(tmp_path/'b'), CheckpointReader(out)
+    for k in ra.keys():
+        d = (rm.get(k) - ra.get(k)).abs()
+        if d.dim() < 2: assert d.sum() == 0; continue
+        rows = torch.nonzero(d.sum(1)).flatten().tolist()
+        if 'layers.0.self_attn.qkv_proj' in k:
+            assert rows == [g.q_dim + 2]
+            torch.testing.assert_close(rm.get(k)[g.q_dim + 2], (ra.get(k)[g.q_dim + 2] + rb.get(k)[g.q_dim + 2]) / 2)
+        elif 'layers.1.mlp.gate_up_proj' in k: assert rows == [g.intermediate_size + 5]
+        else: assert rows == [], k

@@ -43,6 +43,8 @@ def main(argv=None):
     tensors = [(base.float() + torch.randn(rows, cols, generator=g) * 0.02 * a.finetune_scale).to(torch.bfloat16) for _ in range(a.models)]
     w, d = [0.5] * a.models, [0.2] * a.models
     print(f'{rows}x{cols} bf16, {a.models} models, TIES density 0.2 weight 0.5 normalize true')
+    mergekit_merge('ties', base[:8, :8], [t[:8, :8] for t in tensors], w, d, {'normalize': True})   # warm-up: imports
+    merge_tensors('ties', base[:8, :8], [t[:8, :8] for t in tensors], [{'weight': x, 'density': y} for x, y in zip(w, d)])
     t = time.perf_counter(); ref = mergekit_merge('ties', base, tensors, w, d, {'normalize': True}); t_mk = time.perf_counter() - t
     params = [{'weight': x, 'density': y} for x, y in zip(w, d)]
     for mode, gp in [('float32 (default)', {}), ("compute_dtype='input'", {'compute_dtype': 'input'}),

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 from safetensors.torch import save_file
 
-from vlm_merge.methods import (MERGE_METHODS, merge_tensors, get_method, register_method, topk_mask, bottom_mask,
+from vlm_merge.methods import (MERGE_METHODS, merge_tensors, get_method, register_method, topk_mask, bottom_mask, kth_largest,
                                sparsify, fold_lora, lora_delta, LoraAdapter, is_lora_adapter)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -129,6 +129,17 @@ def test_topk_mask_matches_a_stable_sort(n, frac, seed, levels):
     order = np.argsort(s.numpy(), kind='stable')[:k]
     ref = torch.zeros(n, dtype=torch.bool); ref[torch.from_numpy(order)] = True
     assert torch.equal(b, ref)
+
+
+@pytest.mark.parametrize('levels', [None, 40])
+def test_kth_largest_on_large_tensors_is_exact(levels):
+    g = torch.Generator().manual_seed(1)
+    n = 6_000_000
+    s = torch.randn(n, generator=g).abs() if levels is None else torch.randint(0, levels, (n,), generator=g).float()
+    for k in (1, 7, n // 5, n // 2, n - 3, n):
+        assert kth_largest(s, k) == torch.kthvalue(s, n - k + 1).values
+    m = topk_mask(s, n // 5)
+    assert int(m.sum()) == n // 5
 
 
 @PROP

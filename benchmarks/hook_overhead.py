@@ -21,7 +21,7 @@ def _model(args):
         m = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                                          num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096))
-    return m.to(args.device).eval()
+    return m.to(args.device, getattr(torch, args.dtype)).eval()
 
 
 def _time(fn, reps, device):
@@ -40,6 +40,7 @@ def main(argv=None):
     p.add_argument('--hidden', type=int, default=512); p.add_argument('--layers', type=int, default=4)
     p.add_argument('--batch', type=int, default=4); p.add_argument('--seq', type=int, default=256)
     p.add_argument('--reps', type=int, default=7); p.add_argument('--device', default='cpu')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
@@ -65,7 +66,7 @@ def main(argv=None):
         with rec: th.append(_time(hooked, 1, a.device))
     p_, h_ = statistics.median(tp), statistics.median(th)
     n_hooks = sum(len(v) for v in rec.modules.values())
-    print(f'model: {a.model or f"random Llama hidden={a.hidden} layers={a.layers}"}  batch={a.batch}x{a.seq}  device={a.device}  hooks={n_hooks}')
+    print(f'model: {a.model or f"random Llama hidden={a.hidden} layers={a.layers}"}  batch={a.batch}x{a.seq}  device={a.device}  dtype={a.dtype}  hooks={n_hooks}')
     print(f'plain forward : {p_ * 1e3:8.1f} ms (median of {a.reps})')
     print(f'hooked forward: {h_ * 1e3:8.1f} ms (median of {a.reps})')
     print(f'ratio hooked/plain: {h_ / p_:.3f}  ({"within" if h_ / p_ <= 1.10 else "OVER"} the 1.10 budget)')

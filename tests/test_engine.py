@@ -296,3 +296,21 @@ def test_card_text_is_small_and_records_sources():
     front = yaml.safe_load(t.split('---')[1])
     assert front['base_model'] == ['a', 'b'] and front['tags'] == ['merge', 'vlm_merge', 'linear']
     assert 'merge_method: linear' in t
+
+def test_qwen25vl_with_qwen2_text_llm(tmp_path):
+    "Qwen2.5-VL's language model merged with a Qwen2 text LLM of the same geometry: no opt-in needed."
+    from vlm_merge.anatomy import tiny_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    tiny_model('qwen2_5_vl', seed=0).save_pretrained(tmp_path / 'vlm')
+    tiny_model('qwen2', seed=1).save_pretrained(tmp_path / 'math')
+    vlm, math_ = str(tmp_path / 'vlm'), str(tmp_path / 'math')
+    cfg = {'merge_method': 'linear', 'models': [{'model': vlm, 'parameters': {'weight': 0.5}}, {'model': math_, 'parameters': {'weight': 0.5}}]}
+    out = run_merge(cfg, tmp_path / 'out', progress=False)
+    got, rv, rm = load_out(out), CheckpointReader(vlm), CheckpointReader(math_)
+    assert set(got) == set(rv.keys())
+    cv, cm = canon(rv.keys()), canon(rm.keys())
+    assert sum(torch.equal(got[k], rv.get(k)) for k in rv.keys() if canonical_key(k) is None) == \
+        sum(1 for k in rv.keys() if canonical_key(k) is None) > 5       # vision tower and merger: the VLM's
+    c = 'layers.1.attn_k.bias'
+    assert torch.allclose(got[cv[c]], (rv.get(cv[c]) + rm.get(cm[c])) / 2, atol=1e-6)
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(out)

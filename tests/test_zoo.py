@@ -1,0 +1,123 @@
+"""Tests of the shipped zoo: it loads offline, the manifest is complete and honest, generation is deterministic,
+and the manifest's accuracies are reproduced by `vlm_merge.inference.evaluate`."""
+import json, math, subprocess, sys
+from pathlib import Path
+import pandas as pd, pytest, torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from vlm_merge.zoo import (ZOO_SIZES, ZOO_MODELS, SPEC_TASKS, FLOORS, zoo_dir, zoo_manifest, zoo_path, zoo_data_path, zoo_tokenizer,
+                           zoo_cli, greedy_generate, train_tokenizer, build_zoo, spec_data)
+
+MAN = zoo_manifest()
+
+def test_manifest_fields():
+    assert set(MAN['models']) == set(ZOO_MODELS)
+    for name, m in MAN['models'].items():
+        assert (zoo_dir() / m['path'] / 'config.json').exists(), name
+        assert m['params'] > 0 and m['size_mb'] > 0 and m['train']['steps'] > 0, name
+        assert m['train']['loss_last'] < m['train']['loss_first'], (name, m['train'])   # it learnt something
+        assert m['accuracy'], name
+        for task, a in m['accuracy'].items():
+            assert 0.0 <= a['accuracy'] <= 1.0 and a['n'] > 0, (name, task, a)
+            assert a['evaluator'], (name, task)
+    for name, (task, floor) in FLOORS.items():
+        f = MAN['models'][name]['floor']
+        assert f == {'task': task, 'min_accuracy': floor, 'met': MAN['models'][name]['accuracy'][task]['accuracy'] >= floor}
+    # the cross numbers later merges compare against
+    assert {'perception', 'reasoning', 'gsm'} <= set(MAN['models']['vlm-llava']['accuracy'])
+    assert set(SPEC_TASKS) <= set(MAN['models']['reason-lm']['accuracy'])
+    assert MAN['size_mb'] <= 40
+
+def test_data_files():
+    for name, info in MAN['data'].items():
+        p = zoo_data_path(name)
+        assert p.exists() and (zoo_dir() / info['path']) == p
+    gsm = pd.read_csv(zoo_data_path('mgsm_en.tsv'), sep='\t')
+    assert list(gsm.columns[:2]) == ['question', 'answer'] and len(gsm) == MAN['data']['mgsm_en.tsv']['rows']
+    geo = pd.read_parquet(zoo_data_path('geometry_perception.parquet'))
+    assert set(geo.answer) <= set('ABCD') and len(geo.images[0]) == 1
+    with pytest.raises(FileNotFoundError, match='available'): zoo_data_path('nope.tsv')
+    with pytest.raises(KeyError, match='unknown zoo model'): zoo_path('nope')
+
+@pytest.mark.parametrize('name', ZOO_MODELS)
+def test_loads_with_auto_classes(name):
+    cls = AutoModelForImageTextToText if name.startswith('vlm') else AutoModelForCausalLM
+    m = cls.from_pretrained(zoo_path(name))
+    assert type(m).__name__ == MAN['models'][name]['class']
+    assert sum(p.numel() for p in m.parameters()) == MAN['models'][name]['params']
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+def test_text_generation_deterministic():
+    tok = zoo_tokenizer()
+    prompts = ['Sort the digits: 3815', 'What is 12 + 7?', 'Mirror the digits: 9021']
+    for name in ('base-lm', 'reason-lm', 'spec-sort', 'wide-lm'):
+        m = AutoModelForCausalLM.from_pretrained(zoo_path(name))
+        a = greedy_generate(m, tok, prompts, max_new_tokens=12)
+        assert a == greedy_generate(m, tok, prompts[::-1], max_new_tokens=12)[::-1], name   # batch order/padding free
+        assert all(isinstance(x, str) for x in a)
+
+@pytest.mark.parametrize('name', ['vlm-llava', 'vlm-2'])
+def test_vlm_generation_deterministic(name):
+    from vlm_merge.data import load_geometry, geometry_prompt, to_pil
+    geo = load_geometry(zoo_data_path('geometry_perception.parquet')).head(3)
+    m = AutoModelForImageTextToText.from_pretrained(zoo_path(name)); proc = AutoProcessor.from_pretrained(zoo_path(name))
+    ims = [to_pil(i[0]) for i in geo.images]
+    ps = [geometry_prompt(p, list(c)) for p, c in zip(geo.problem, geo.choices)]
+    a = greedy_generate(m, zoo_tokenizer(), ps, proc=proc, images=ims, max_new_tokens=4)
+    assert a == greedy_generate(m, zoo_tokenizer(), ps, proc=proc, images=ims, max_new_tokens=4)
+
+def _close(acc, ref, n):
+    "Within 3 binomial standard errors of the manifest's figure (plus a little for small n)."
+    return abs(acc - ref) <= 3 * math.sqrt(max(ref * (1 - ref), 0.02) / n) + 0.02
+
+def test_reason_lm_accuracy_reproduced():
+    from vlm_merge.inference import evaluate
+    n = 60
+    _, s = evaluate(str(zoo_path('reason-lm')), 'gsm', str(zoo_data_path('mgsm_en.tsv')), batch_size=30, max_new_tokens=64,
+                    limit=n, progress=False)
+    ref = MAN['models']['reason-lm']['accuracy']['gsm']['accuracy']
+    assert s['n'] == n and _close(s['accuracy'], ref, n), (s['accuracy'], ref)
+
+def test_vlm_llava_accuracy_reproduced():
+    from vlm_merge.inference import evaluate
+    n = 60
+    _, s = evaluate(str(zoo_path('vlm-llava')), 'multimodal', str(zoo_data_path('geometry_perception.parquet')), batch_size=30,
+                    max_new_tokens=8, limit=n, progress=False)
+    ref = MAN['models']['vlm-llava']['accuracy']['perception']['accuracy']
+    assert _close(s['accuracy'], ref, n), (s['accuracy'], ref)
+
+def test_specialist_beats_others_on_own_task():
+    "Each specialist is better at its own task than the base model and than reason-lm: the task vectors are real."
+    for s in SPEC_TASKS:
+        own = MAN['models'][s]['accuracy'][s]['accuracy']
+        assert own > MAN['models']['base-lm']['accuracy'][s]['accuracy'], s
+        assert own > MAN['models']['reason-lm']['accuracy'][s]['accuracy'], s
+
+def test_cli_info(capsys):
+    assert zoo_cli(['info']) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert Path(info['root']) == zoo_dir() and set(info['models']) == set(ZOO_MODELS)
+
+def test_cli_info_subprocess():
+    r = subprocess.run([sys.executable, '-m', 'vlm_merge.cli', 'zoo', 'info'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)['models']['vlm-llava']['class'] == MAN['models']['vlm-llava']['class']
+
+def test_tokenizer_deterministic_and_digits():
+    texts = ['Tom has 12 apples.', 'Sort the digits: 3815'] * 10
+    a, b = train_tokenizer(texts, vocab_size=300), train_tokenizer(texts, vocab_size=300)
+    assert a.get_vocab() == b.get_vocab()
+    tok = zoo_tokenizer()
+    assert tok.tokenize('2024') == ['2', '0', '2', '4']
+    assert tok.convert_tokens_to_ids('<image>') != tok.unk_token_id and tok.chat_template
+
+def test_build_refuses_nonempty(tmp_path):
+    (tmp_path / 'x').write_text('keep')
+    with pytest.raises(FileExistsError, match='not empty'): build_zoo(tmp_path)
+    assert (tmp_path / 'x').read_text() == 'keep'
+
+def test_spec_data_disjoint_from_test():
+    "The shipped specialist test sets hold no training prompt."
+    for s in SPEC_TASKS:
+        test = pd.read_csv(zoo_data_path(s.replace('-', '_') + '.tsv'), sep='\t', dtype=str)
+        train = spec_data(s, MAN['sizes']['train_spec'], seed=MAN['seed'] + 3)
+        assert not set(test.prompt) & set(train.prompt), s

@@ -314,3 +314,24 @@ def test_qwen25vl_with_qwen2_text_llm(tmp_path):
     c = 'layers.1.attn_k.bias'
     assert torch.allclose(got[cv[c]], (rv.get(cv[c]) + rm.get(cm[c])) / 2, atol=1e-6)
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 12), n=st.integers(2, 3), chunk=st.sampled_from([1, 7, 64, 1 << 16]),
+       dens=st.floats(0.05, 1.0), levels=st.sampled_from([3, 9, 1000]), sparse=st.floats(0.0, 1.0),
+       method=st.sampled_from(['ties', 'task_arithmetic']), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_stream_kernel_matches_merge_tensors(rows, cols, n, chunk, dens, levels, sparse, method, normalize, seed):
+    "The engine's chunked kernel = methods.merge_tensors, bit for bit, ties at the trim threshold included (few levels)."
+    from vlm_merge.engine import stream_task_arithmetic
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, cols)
+    b = torch.randn(shape, generator=g).bfloat16()
+    xs = [(b.float() + (torch.randint(-levels, levels + 1, shape, generator=g) / levels)
+           * (torch.rand(shape, generator=g) < sparse)).bfloat16() for _ in range(n)]
+    ps = [{'weight': 0.3 + j / 5, 'density': dens} for j in range(n)]
+    gp = {'normalize': normalize, 'lambda': 0.9}
+    run = lambda: stream_task_arithmetic(lambda i, a, c: ([b] + xs)[i][a:c], shape, method, ps, gp, torch.bfloat16, chunk=chunk)
+    try: want = merge_tensors(method, b, xs, ps, dict(gp)).bfloat16()
+    except ValueError as e:   # e.g. a density that keeps no entry: the kernel refuses too
+        with pytest.raises(ValueError, match='keeps no entry'): run()
+        return
+    assert torch.equal(run(), want)

@@ -125,15 +125,16 @@ def main(argv=None):
     p.add_argument('--shard-size', default='200MB', help='output shard size, the same for both tools')
     p.add_argument('--keep', action='store_true', help='keep the checkpoints and outputs')
     p.add_argument('--skip-mergekit', action='store_true', help='time vlm_merge only')
+    p.add_argument('--delta-density', type=float, default=0.1, help='fraction of entries each fine-tune changes (1.0: dense task vectors)')
     a = p.parse_args(argv)
     root = Path(a.workdir or tempfile.mkdtemp(prefix='ties_bench_'))
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        base, ft1, ft2 = (build_checkpoints(root) if not (root / 'ft2' / 'config.json').exists()
+        base, ft1, ft2 = (build_checkpoints(root, delta_density=a.delta_density) if not (root / 'ft2' / 'config.json').exists()
                           else [root / n for n in ('base', 'ft1', 'ft2')])
         n_params = sum(torch.Size(s).numel() for s in llama_shapes(GEOM).values())
-        print(f'checkpoints: 3 x {n_params/1e6:.0f}M params bf16 in {time.perf_counter()-t0:.0f}s under {root}', flush=True)
+        print(f'checkpoints: 3 x {n_params/1e6:.0f}M params bf16 (delta density {a.delta_density}) in {time.perf_counter()-t0:.0f}s under {root}', flush=True)
         cfg = root / 'ties.yml'; cfg.write_text(ties_yaml(base, [ft1, ft2]))
         from vlm_merge.checkpoints import parse_size
         shard_bytes = parse_size(a.shard_size)

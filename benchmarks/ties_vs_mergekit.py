@@ -126,13 +126,16 @@ def main(argv=None):
     p.add_argument('--keep', action='store_true', help='keep the checkpoints and outputs')
     p.add_argument('--skip-mergekit', action='store_true', help='time vlm_merge only')
     p.add_argument('--delta-density', type=float, default=0.1, help='fraction of entries each fine-tune changes (1.0: dense task vectors)')
+    p.add_argument('--build-only', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     root = Path(a.workdir or tempfile.mkdtemp(prefix='ties_bench_'))
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        base, ft1, ft2 = (build_checkpoints(root, delta_density=a.delta_density) if not (root / 'ft2' / 'config.json').exists()
-                          else [root / n for n in ('base', 'ft1', 'ft2')])
+        if a.build_only: build_checkpoints(root, delta_density=a.delta_density); return
+        if not (root / 'ft2' / 'config.json').exists():   # in a child process: a forked child inherits (and is charged) our RSS
+            subprocess.run([sys.executable, __file__, '--build-only', '--workdir', str(root), '--delta-density', str(a.delta_density)], check=True)
+        base, ft1, ft2 = [root / n for n in ('base', 'ft1', 'ft2')]
         n_params = sum(torch.Size(s).numel() for s in llama_shapes(GEOM).values())
         print(f'checkpoints: 3 x {n_params/1e6:.0f}M params bf16 (delta density {a.delta_density}) in {time.perf_counter()-t0:.0f}s under {root}', flush=True)
         cfg = root / 'ties.yml'; cfg.write_text(ties_yaml(base, [ft1, ft2]))
@@ -170,6 +173,6 @@ def main(argv=None):
             res['ratio'] = ratio
         print(json.dumps({k: v for k, v in res.items()}, default=str))
     finally:
-        if not a.keep and not a.workdir: shutil.rmtree(root, ignore_errors=True)
+        if not a.keep and not a.workdir and not a.build_only: shutil.rmtree(root, ignore_errors=True)
 
 if __name__ == '__main__': main()

@@ -16,7 +16,7 @@ from .data import (load_gsm, load_geometry, to_pil, gsm_prompt, geometry_prompt,
 
 # %% auto #0
 __all__ = ['BACKENDS', 'FALLBACK_CHAT_TEMPLATE', 'TASKS', 'GEOMETRY3K_HUB_ID', 'Backend', 'detect_backend', 'pick_dtype',
-           'Inferencer', 'load_task_data', 'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
+           'pick_device', 'Inferencer', 'load_task_data', 'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
 
 # %% ../nbs/10_inference.ipynb #a801ab30
 @dataclass
@@ -57,13 +57,27 @@ _DTYPES = {'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16, 'fp16': torch.flo
            'fp32': torch.float32, 'float32': torch.float32}
 
 def pick_dtype(device:str, dtype=None) -> torch.dtype:
-    "`dtype` as a torch dtype; None: bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."
+    "`dtype` as a torch dtype; None or 'auto': bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU."
     if isinstance(dtype, torch.dtype): return dtype
-    if dtype is not None:
-        if dtype not in _DTYPES: raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}')
+    if dtype is not None and dtype != 'auto':
+        if dtype not in _DTYPES: raise ValueError(f'unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or auto')
         return _DTYPES[dtype]
     if str(device).startswith('cuda'): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+# %% ../nbs/10_inference.ipynb #6a6a1cce
+def pick_device(device:str|None=None # None or 'auto': the first GPU when one is visible, else 'cpu'; or 'cpu', 'cuda', 'cuda:1', ...
+               ) -> str:
+    "The device to run on: `device` checked, or the GPU of a Colab / Kaggle runtime when there is one, else the CPU."
+    if device is None or device == 'auto': return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise ValueError(f'unknown device {device!r}: {e}') from None
+    if d.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'device {device!r}: no CUDA GPU is visible (on Colab: Runtime > Change runtime type > GPU)')
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f'device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible')
+    return str(device)
 
 # %% ../nbs/10_inference.ipynb #2eac7dc8
 class Inferencer:

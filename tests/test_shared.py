@@ -54,3 +54,38 @@ def test_cli_outputs(tmp_path):
     (tmp_path/'bad.json').write_text('{"attn_q": {"0": [1,')
     with pytest.raises(ValueError, match='bad.json: not valid JSON'):
         shared_cli([str(tmp_path/'a.json'), str(tmp_path/'bad.json'), '--output_path', str(tmp_path/'o2')])
+
+
+def test_overlap_explorer_headless_slider_and_picker_redraw():
+    "The explorer builds without a display and redraws its figures and summary when the knobs move."
+    import os, base64
+    os.environ.setdefault('MPLBACKEND', 'Agg')
+    import ipywidgets as W
+    from vlm_merge.anatomy import HeadGeometry
+    from vlm_merge.shared import overlap_explorer, overlap_table, group_sizes
+    G = HeadGeometry(n_heads=4, n_kv_heads=2, head_dim=2, hidden_size=8, intermediate_size=6, n_layers=3, vocab_size=10)
+    A = {'attn_q': {'0': [0, 1, 2], '1': [4], '2': [0, 1, 2, 3, 4, 5, 6, 7]}, 'fwd_down': {'0': [1], '1': [0, 1], '2': [5]}}
+    B = {'attn_q': {'0': [2, 3], '1': [5], '2': [0, 1, 2, 3, 4, 5, 6, 7]}, 'fwd_down': {'0': [1], '1': [1, 2], '2': [4]}}
+    ex = overlap_explorer(A, B, sizes=group_sizes(G))
+    assert isinstance(ex, W.VBox) and isinstance(ex.slider, W.IntSlider) and isinstance(ex.picker, W.Dropdown)
+    assert (ex.slider.min, ex.slider.max) == (0, 2) and ex.picker.options == ('attn_q', 'fwd_down')
+    png = lambda out: base64.b64decode(out.outputs[0]['data']['image/png'])
+    heat0, bars0 = png(ex.heat), png(ex.bars)
+    assert heat0[:8] == b'\x89PNG\r\n\x1a\n' and bars0[:8] == b'\x89PNG\r\n\x1a\n'
+    assert ex.bars.outputs[0]['data']['text/plain'] == '<layer 0: Jaccard per group>'
+    assert ex.info.value.startswith('layer 0, attn_q: 1 shared of 4 (A 3, B 2), Jaccard 0.250 (chance ')
+    assert ex.info.value.endswith('<br>shared indices: [2]')
+    ex.slider.value = 2                      # what a person dragging the slider does
+    assert ex.bars.outputs[0]['data']['text/plain'] == '<layer 2: Jaccard per group>'
+    assert png(ex.bars) != bars0 and png(ex.heat) != heat0   # both figures redrawn (outline moved)
+    assert 'layer 2, attn_q: 8 shared of 8' in ex.info.value and 'Jaccard 1.000' in ex.info.value
+    assert ex.info.value.endswith('shared indices: [0, 1, 2, 3, 4, 5, 6, 7]')
+    ex.picker.value = 'fwd_down'
+    assert ex.info.value.startswith('layer 2, fwd_down: 0 shared of 2 (A 1, B 1), Jaccard 0.000')
+    assert len(ex.heat.outputs) == len(ex.bars.outputs) == 1   # replaced, not appended
+    # a table works too (no indices then), and bad input is refused by name
+    t = overlap_table(A, B)
+    ex2 = overlap_explorer(t, layer=1, group='fwd_down', max_indices=1)
+    assert ex2.info.value == 'layer 1, fwd_down: 1 shared of 3 (A 2, B 2), Jaccard 0.333'
+    with pytest.raises(ValueError, match='lacks columns'): overlap_explorer(t.drop(columns='jaccard'))
+    with pytest.raises(ValueError, match='empty overlap table'): overlap_explorer({'attn_q': {}}, {'fwd_up': {}})

@@ -11,7 +11,7 @@ from .detect import read_neuron_json, write_neuron_json
 
 # %% auto #0
 __all__ = ['OPS', 'group_sizes', 'validate_neurons', 'map_kv', 'kv_from_q', 'combine', 'overlap_table', 'overlap_heatmap',
-           'shared_neurons', 'shared_cli']
+           'overlap_explorer', 'shared_neurons', 'shared_cli']
 
 # %% ../nbs/05_shared.ipynb #151ae70c
 def group_sizes(geom:HeadGeometry # the text model's geometry (`head_geometry(config)`)
@@ -115,6 +115,74 @@ def overlap_heatmap(table,                 # from `overlap_table`
     fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=120)
     return fig
+
+# %% ../nbs/05_shared.ipynb #e09544f5
+def _png(fig) -> bytes:
+    import io, matplotlib.pyplot as plt
+    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
+    return buf.getvalue()
+
+def overlap_explorer(a,                       # an `overlap_table` DataFrame, or neuron dict / JSON path of model A
+                     b=None,                  # neuron dict / JSON path of model B (when `a` is not a table)
+                     sizes:dict|None=None,    # {group: n_neurons} (`group_sizes(geom)`): adds the chance level
+                     layer:int|None=None,     # layer shown first (default: the first)
+                     group:str|None=None,     # group shown first (default: the first)
+                     max_indices:int=64,      # shared indices listed at most
+                    ):
+    "ipywidgets explorer of per-layer overlap: heat map with a layer slider and group picker, per-group bars, shared indices."
+    import base64, html, pandas as pd, ipywidgets as W
+    na = nb = None
+    if isinstance(a, pd.DataFrame): table = a
+    else:
+        if b is None: raise ValueError('overlap_explorer: give an overlap_table DataFrame, or two neuron dicts / JSON paths')
+        na = a if isinstance(a, dict) else read_neuron_json(a)
+        nb = b if isinstance(b, dict) else read_neuron_json(b)
+        table = overlap_table(na, nb, sizes)
+    if not len(table): raise ValueError('overlap_explorer: empty overlap table (no group in both detections)')
+    need = {'group', 'layer', 'n_a', 'n_b', 'shared', 'union', 'jaccard'}
+    if not need <= set(table.columns): raise ValueError(f'overlap_explorer: table lacks columns {sorted(need - set(table.columns))}')
+    groups = [g for g in GROUPS if g in set(table.group)]
+    layers = sorted(int(l) for l in set(table.layer))
+    lo, hi = layers[0], layers[-1]
+    slider = W.IntSlider(value=lo if layer is None else int(layer), min=lo, max=hi, step=1, description='layer',
+                         continuous_update=False)
+    picker = W.Dropdown(options=groups, value=groups[0] if group is None else group, description='group')
+    heat, bars, info = W.Output(), W.Output(), W.HTML()
+    def show(out, fig):   # replace the Output's content with the figure as PNG: no display or kernel needed
+        out.outputs = ({'output_type': 'display_data', 'metadata': {},
+                        'data': {'image/png': base64.b64encode(_png(fig)).decode(), 'text/plain': f'<{fig.axes[0].get_title()}>'}},)
+    def render(change=None):
+        L, g = slider.value, picker.value
+        fig = overlap_heatmap(table, title=f'Jaccard overlap per layer (layer {L}, {g})')
+        ax = fig.axes[0]
+        if L in layers:
+            from matplotlib.patches import Rectangle
+            ax.add_patch(Rectangle((layers.index(L) - 0.5, groups.index(g) - 0.5), 1, 1, fill=False, ec='red', lw=2))
+        show(heat, fig)
+        import matplotlib.pyplot as plt
+        rows = table[table.layer == L].set_index('group').reindex(groups)
+        fig, ax = plt.subplots(figsize=(5, 2.6))
+        ax.bar(range(len(groups)), rows.jaccard.fillna(0).values, color=['tab:red' if x == g else 'tab:blue' for x in groups])
+        if 'jaccard_chance' in rows: ax.scatter(range(len(groups)), rows.jaccard_chance.values, marker='_', s=300, c='k', label='chance')
+        ax.set_xticks(range(len(groups)), groups, rotation=30); ax.set_ylim(0, 1); ax.set_ylabel('Jaccard')
+        ax.set_title(f'layer {L}: Jaccard per group')
+        if 'jaccard_chance' in rows: ax.legend(loc='upper right', fontsize=8)
+        fig.tight_layout(); show(bars, fig)
+        r = table[(table.layer == L) & (table.group == g)]
+        if not len(r): text = f'layer {L}, {g}: no neurons detected in either model'
+        else:
+            r = r.iloc[0]
+            text = (f'layer {L}, {g}: {int(r.shared)} shared of {int(r.union)} (A {int(r.n_a)}, B {int(r.n_b)}), '
+                    f'Jaccard {r.jaccard:.3f}' + (f' (chance {r.jaccard_chance:.3f})' if 'jaccard_chance' in r else ''))
+            if na is not None:
+                idx = sorted(set(na[g].get(str(L), [])) & set(nb[g].get(str(L), [])))
+                text += f'<br>shared indices: {idx[:max_indices]}' + (' ...' if len(idx) > max_indices else '')
+        info.value = html.escape(text).replace('&lt;br&gt;', '<br>')
+    slider.observe(render, names='value'); picker.observe(render, names='value')
+    render()
+    box = W.VBox([W.HBox([slider, picker]), heat, W.HBox([bars, info])])
+    box.table, box.slider, box.picker, box.heat, box.bars, box.info = table, slider, picker, heat, bars, info
+    return box
 
 # %% ../nbs/05_shared.ipynb #ea4685cd
 def _geometry(model) -> HeadGeometry|None:

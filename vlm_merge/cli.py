@@ -56,4 +56,5 @@ def main(argv:list|None=None # arguments after the program name; `sys.argv[1:]` 
     return int(res or 0)
 
 # %% ../nbs/99_cli.ipynb #f5b5d0b8
+#| eval: false
 if __name__ == '__main__': sys.exit(main())

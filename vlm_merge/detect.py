@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from .inference import pick_device, pick_dtype
 from .anatomy import GROUPS, ROW_GROUPS, COL_GROUPS, ModelAnatomy
 
 # %% auto #0
@@ -267,26 +268,13 @@ def load_detection_samples(task:str,                    # 'gsm' or 'multimodal'
     return rows
 
 # %% ../nbs/04_detect.ipynb #53078756
-def _auto_device(device:str) -> str:
-    return ('cuda' if torch.cuda.is_available() else 'cpu') if device in (None, 'auto') else device
-
-def _auto_dtype(dtype, device:str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype): return dtype
-    if dtype in (None, 'auto'):
-        if str(device).startswith('cuda'): return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    names = {'float32': torch.float32, 'fp32': torch.float32, 'float16': torch.float16, 'fp16': torch.float16,
-             'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
-    if dtype not in names: raise ValueError(f'unknown dtype {dtype!r}; expected one of {sorted(names)} or auto')
-    return names[dtype]
-
 def load_model_for_detection(path:str|Path,     # local folder or Hub id
                              device:str='auto', # 'cpu', 'cuda', 'cuda:1' or 'auto'
                              dtype='auto'       # 'float32', 'bfloat16', 'float16' or 'auto'
                             ) -> tuple:
     "(model, processor_or_tokenizer, is_vlm): an image-text-to-text model with its processor, else a causal LM with its tokenizer."
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    device = _auto_device(device); dt = _auto_dtype(dtype, device)
+    device = pick_device(device); dt = pick_dtype(device, dtype)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     is_vlm = getattr(cfg, 'vision_config', None) is not None
     if is_vlm or getattr(cfg, 'auto_map', None) and 'AutoModel' in cfg.auto_map and 'AutoModelForCausalLM' not in cfg.auto_map:

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 from .anatomy import GROUPS, ROW_GROUPS, COL_GROUPS, FUSED, parse_key, canonical_key, fused_rows, head_geometry
 from .checkpoints import CheckpointReader, ShardedWriter
-from .detect import read_neuron_json, _auto_device, _auto_dtype
+from .detect import read_neuron_json
+from .inference import pick_device, pick_dtype
 
 # %% auto #0
 __all__ = ['MERGE_RULES', 'merge_neuron_rows', 'merge_weight', 'neuron_merge', 'neuron_merge_cli']
@@ -96,8 +97,8 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
     "Merge the shared neurons of A and B into the base, streaming; returns the output folder."
     if method not in MERGE_RULES: raise ValueError(f'method must be one of {MERGE_RULES}, got {method!r}')
     nj = neurons if isinstance(neurons, dict) else read_neuron_json(neurons)
-    dev = _auto_device(device)
-    out_dt = None if dtype is None else _auto_dtype(dtype, dev)
+    dev = pick_device(device)
+    out_dt = None if dtype is None else pick_dtype(dev, dtype)
     kw = dict(method=method, lora_rank=lora_rank, lora_beta=lora_beta, pca_k=pca_k, pca_alpha=pca_alpha)
     stats = {'changed_tensors': 0, 'changed_neurons': 0}
     with CheckpointReader(base) as rb, CheckpointReader(model_a) as ra, CheckpointReader(model_b) as rB:

@@ -8,6 +8,7 @@ module index, the sidebar (kept as written: custom_sidebar), and every notebook'
 """
 import nbdev.quarto as q
 
-q._ensure_quarto = lambda: None   # quarto renders the site in the GitHub workflow, not here
-q._pre_docs()
-print('docs processing of every notebook: clean')
+if __name__ == '__main__':          # nbdev processes notebooks in worker processes that re-import this file
+    q._ensure_quarto = lambda: None   # quarto renders the site in the GitHub workflow, not here
+    q._pre_docs()
+    print('docs processing of every notebook: clean')

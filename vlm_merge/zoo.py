@@ -10,11 +10,11 @@ import numpy as np, pandas as pd, torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'FLOORS',
-           'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts',
-           'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate',
-           'vision_answer', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path', 'zoo_data_path', 'zoo_tokenizer',
-           'zoo_cli']
+__all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'VISION_LR',
+           'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts',
+           'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model',
+           'greedy_generate', 'vision_answer', 'reading_answer', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
+           'zoo_data_path', 'zoo_tokenizer', 'zoo_cli']
 
 # %% ../nbs/03_zoo.ipynb #b7dd42d7
 ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2', 'wide-lm')
@@ -229,10 +229,17 @@ def train_model(model,               # any transformers model that returns `.los
                 min_lr_frac:float=0.1,# final learning rate as a fraction of `lr`
                 desc:str='train',     # progress bar label
                 log_every:int=50,     # steps between loss reports on the bar
+                lr_groups:dict|None=None, # {name substring: peak lr}: parameters whose name contains a key train at that lr
                ) -> dict:
     "AdamW with linear warmup and cosine decay over `steps` random batches of `examples`; returns losses and time."
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    groups = {k: [] for k in (lr_groups or {})}; rest = []
+    for n, p in model.named_parameters():
+        k = next((k for k in groups if k in n), None)
+        (groups[k] if k is not None else rest).append(p)
+    if lr_groups and not all(groups.values()): raise ValueError(f'{desc}: lr_groups keys match no parameter: {[k for k, v in groups.items() if not v]}')
+    opt = torch.optim.AdamW([{'params': rest, 'lr': lr}] + [{'params': v, 'lr': lr_groups[k]} for k, v in groups.items()],
+                            betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
                                               (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train(); t0 = time.time(); losses = []
@@ -249,7 +256,7 @@ def train_model(model,               # any transformers model that returns `.los
             bar.set_postfix(loss=f'{np.mean(losses[-log_every:]):.3f}')
             if not sys.stdout.isatty(): print(f'[{desc}] step {s + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} {time.time() - t0:.0f}s', flush=True)
     model.eval()
-    return {'steps': steps, 'batch_size': batch_size, 'lr': lr, 'seconds': round(time.time() - t0, 1),
+    return {'steps': steps, 'batch_size': batch_size, 'lr': lr, **({'lr_groups': dict(lr_groups)} if lr_groups else {}), 'seconds': round(time.time() - t0, 1),
             'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4)}
 
 # %% ../nbs/03_zoo.ipynb #8ad6a4b2
@@ -276,7 +283,8 @@ def greedy_generate(model,              # a loaded model
 
 # %% ../nbs/03_zoo.ipynb #f3880463
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 500, 'vlm-2': 500, 'wide-lm': 500}
+ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1500, 'vlm-2': 1500, 'wide-lm': 500}
+VISION_LR = 1e-2   # peak learning rate of the VLMs' vision tower and projector (the language model: 2e-3)
 
 
 def _dedupe(test:pd.DataFrame, train:pd.DataFrame, cols:list[str]) -> pd.DataFrame:
@@ -310,11 +318,20 @@ def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50) -> dict
     return out
 
 # %% ../nbs/03_zoo.ipynb #7ceaf38c
-def vision_answer(letter:str, # the gold letter
+def vision_answer(letter:str, # the gold letter (kept for the signature: the reply is the value, `extract_choice` maps it to its letter)
                   figure:str, # the row's `figure` JSON (its `value` is the number the question asks for)
                  ) -> str:
-    "The VLMs' trained reply: the value read from the figure, then the letter, e.g. '11. Answer: B'."
-    return f"{json.loads(figure)['value']}. Answer: {letter}"
+    "The VLMs' trained reply: the value read from the figure, e.g. '11'; the evaluator maps a value to the letter of the choice that holds it."
+    return str(json.loads(figure)['value'])
+
+READ_PROMPT = 'Read the labels.'
+_LABEL_KEYS = ('length', 'side', 'width', 'height', 'left', 'right', 'bottom')
+
+def reading_answer(figure:str, # the row's `figure` JSON
+                  ) -> str:
+    "Every label of a figure with its name, e.g. 'left 60 right 80': the auxiliary reading task the VLMs also train on."
+    f = json.loads(figure)
+    return ' '.join(f'{k} {f[k]}' for k in _LABEL_KEYS if k in f)
 
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 
@@ -332,10 +349,11 @@ def _train_examples(kind:str, tok, seed:int, proc=None, sizes:dict|None=None) ->
         return [encode_example(tok, p, a) for p, a in zip(df.prompt, df.answer)]
     if kind == 'perception':
         df = make_geometry(Z['train_geo'], seed=seed + 4, kind='perception')
-        nested = proc.__class__.__name__.startswith('Idefics')
-        return [encode_example(tok, geometry_prompt(p, list(c)), vision_answer(a, f), proc=proc,
-                               image=[to_pil(im[0])] if nested else to_pil(im[0]))
-                for p, c, a, im, f in zip(df.problem, df.choices, df.answer, df.images, df.figure)]
+        nested = proc.__class__.__name__.startswith('Idefics'); img = lambda x: [to_pil(x)] if nested else to_pil(x)
+        qa = [encode_example(tok, geometry_prompt(p, list(c)), vision_answer(a, f), proc=proc, image=img(im[0]))
+              for p, c, a, im, f in zip(df.problem, df.choices, df.answer, df.images, df.figure)]
+        # the same figures with every label to read: dense supervision that teaches the tower to read digits
+        return qa + [encode_example(tok, READ_PROMPT, reading_answer(f), proc=proc, image=img(im[0])) for im, f in zip(df.images, df.figure)]
     raise ValueError(f'unknown training data kind {kind!r}')
 
 def _test_sets(seed:int, sizes:dict|None=None) -> dict:
@@ -366,7 +384,7 @@ def _write_data(tables:dict, folder:Path) -> dict:
         info[fn] = {'path': f'data/{fn}', 'rows': len(df), 'columns': list(df.columns)}
     return info
 
-# %% ../nbs/03_zoo.ipynb #552c46e0
+# %% ../nbs/03_zoo.ipynb #51a13f46
 def _job(job:dict) -> dict:
     "Train one zoo model in its own process (1 thread, fixed seeds), save it, and measure it. Returns its manifest entry."
     torch.set_num_threads(1); t0 = time.time(); c0 = time.process_time()
@@ -390,7 +408,10 @@ def _job(job:dict) -> dict:
         cls = LlavaForConditionalGeneration if kind == 'llava' else Idefics3ForConditionalGeneration
         model = cls(cfg); init_language_model(model, base); del base
         exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes']); lr = 2e-3; src = 'base-lm (language model); vision random init'
-    stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=lr, seed=seed, desc=name)
+        names = [n for n, _ in model.named_parameters()]   # the random tower and projector learn faster than the LM
+        groups = {k: VISION_LR for k in ('vision', 'projector', 'connector') if any(k in n for n in names)}
+    stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=lr, seed=seed, desc=name,
+                        lr_groups=groups if proc is not None else None)
     out = root / name
     model.generation_config.update(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, max_new_tokens=64)

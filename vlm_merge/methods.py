@@ -189,15 +189,7 @@ def bottom_mask(score:torch.Tensor, # scores, any shape
                 k:int,              # how many entries to select
                ) -> torch.Tensor:
     "Boolean mask of the `k` smallest entries of `score` (ties at the threshold: lowest flat indices)."
-    n = score.numel()
-    if k >= n: return torch.ones_like(score, dtype=torch.bool)
-    if k <= 0: return torch.zeros_like(score, dtype=torch.bool)
-    s = score.reshape(-1)
-    if s.device.type == 'cpu' and s.dtype in (torch.float16, torch.bfloat16): s = s.float()
-    thr = torch.kthvalue(s, k).values
-    lt = s < thr
-    mask = lt | _first_true(s == thr, k - int(lt.sum()))
-    return mask.view(score.shape)
+    return topk_mask(-score, k)   # the k largest of -score, same tie rule
 
 # %% ../nbs/07_task_vectors.ipynb #3fc41e5d
 def _rescale_l1(d:torch.Tensor, masked:torch.Tensor) -> torch.Tensor:

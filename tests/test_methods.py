@@ -376,3 +376,31 @@ def test_lora_from_real_peft(tmp_path):
     assert len(ad.base_keys()) == 2
     for k in ad.base_keys():
         torch.testing.assert_close(ad.fold(k, sd[k]), merged[k], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_embeddings_saved_modules_and_refused_variants(tmp_path):
+    "peft's embedding LoRA and modules_to_save fold as merge_and_unload does; DoRA is refused, naming adapter_config.json."
+    peft = pytest.importorskip('peft')
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg).eval()
+    sd = {k: v.clone() for k, v in base.state_dict().items()}
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=['embed_tokens', 'q_proj'],
+                                                   modules_to_save=['lm_head'], init_lora_weights=False))
+    with torch.no_grad(): pm.base_model.model.lm_head.modules_to_save['default'].weight.mul_(2)
+    pm.save_pretrained(tmp_path / 'ad')
+    merged = pm.merge_and_unload().state_dict()
+    ad = LoraAdapter(tmp_path / 'ad')
+    assert 'model.embed_tokens' in ad.embedding and ad.extra == []
+    assert set(ad.saved) == {'lm_head.weight', 'model.embed_tokens.weight'}      # the module to save, the embedding's base layer
+    k = 'model.embed_tokens.weight'
+    assert ad.delta_shape(k) == tuple(sd[k].shape)
+    torch.testing.assert_close(ad.fold(k, ad.saved_tensor(k)), merged[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ad.saved_tensor('lm_head.weight'), merged['lm_head.weight'])
+    assert not torch.equal(merged['lm_head.weight'], sd['lm_head.weight'])
+    torch.manual_seed(0)
+    dora = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=['q_proj'], use_dora=True))
+    dora.save_pretrained(tmp_path / 'dora')
+    with pytest.raises(ValueError, match='adapter_config.json: unsupported LoRA variant: use_dora'): LoraAdapter(tmp_path / 'dora')

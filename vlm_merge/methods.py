@@ -352,10 +352,19 @@ def fold_lora(base_weight:torch.Tensor, # base tensor [out, in] ([in, out] when 
     return (base_weight.float() + d).to(base_weight.dtype)
 
 # %% ../nbs/07_task_vectors.ipynb #bbf6a193
+_LORA_UNSUPPORTED = {   # adapter_config.json fields whose adapters are not B @ A * scale: refused, never half-folded
+    'use_dora': 'DoRA (use_dora) rescales every column by a learned magnitude vector',
+    'lora_bias': 'lora_bias trains a bias on lora_B',
+    'alora_invocation_tokens': 'activated LoRA (aLoRA) applies only after its invocation tokens',
+    'layer_replication': 'layer_replication stacks copies of base layers',
+    'target_parameters': 'target_parameters puts LoRA on raw nn.Parameters (MoE experts)',
+    'trainable_token_indices': 'trainable_token_indices trains single token embeddings',
+    'use_qalora': 'QALoRA (use_qalora) pools groups of input features'}
+
 class LoraAdapter:
-    "A peft LoRA adapter folder, read lazily: maps base checkpoint keys to their LoRA deltas."
-    _PAT = re.compile(r'^(?:base_model\.model\.)?(?P<mod>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$')
-    def __init__(self, path, # folder with adapter_config.json and adapter_model.safetensors (or .bin)
+    "A peft LoRA adapter folder, read lazily: maps base checkpoint keys to their LoRA deltas and replaced tensors."
+    _PAT = re.compile(r'^(?P<mod>.+?)\.lora_(?:(?P<emb>embedding_)(?P<eab>[AB])(?:\.[^.]+)?|(?P<ab>[AB])(?:\.[^.]+)?\.weight)$')
+    def __init__(self, path, # folder with adapter_config.json and adapter_model.safetensors
                 ):
         from safetensors import safe_open
         self.path = Path(path)
@@ -364,15 +373,28 @@ class LoraAdapter:
         self.config = json.loads(cfg_f.read_text())
         if self.config.get('peft_type', 'LORA').upper() != 'LORA':
             raise ValueError(f"{cfg_f}: peft_type {self.config.get('peft_type')!r} is not LORA")
+        bad = [f'{k} ({why})' for k, why in _LORA_UNSUPPORTED.items() if self.config.get(k)]
+        if bad: raise ValueError(f"{cfg_f}: unsupported LoRA variant: {'; '.join(bad)}; only plain LoRA (B @ A * scale) can be folded")
         self.file = self.path / 'adapter_model.safetensors'
         if not self.file.exists(): raise FileNotFoundError(f"{self.file} not found (only safetensors adapters are read)")
         self._f = safe_open(str(self.file), framework='pt')
-        self.modules: dict[str, dict] = {}
-        self.extra: list[str] = []
+        self.modules: dict[str, dict] = {}   # module -> {'A': key, 'B': key}
+        self.embedding: set = set()          # modules whose factors are lora_embedding_A/B (delta transposed)
+        self.saved: dict[str, str] = {}      # base key -> adapter key of a tensor that replaces the base's
+        self.extra: list[str] = []           # keys that are none of these (an unknown peft variant)
+        mts = [str(m) for m in (self.config.get('modules_to_save') or [])]
         for k in self._f.keys():
-            m = self._PAT.match(k)
-            if m is None: self.extra.append(k); continue
-            self.modules.setdefault(m['mod'], {})[m['ab']] = k
+            name = k[len('base_model.model.'):] if k.startswith('base_model.model.') else k
+            m = self._PAT.match(name)
+            if m is not None:
+                self.modules.setdefault(m['mod'], {})[m['ab'] or m['eab']] = k
+                if m['emb']: self.embedding.add(m['mod'])
+                continue
+            plain = re.sub(r'\.modules_to_save(?:\.[^.]+)?\.', '.', name).replace('.base_layer.', '.')
+            mod = plain.rsplit('.', 1)[0]
+            if (plain != name or any(mod == t or mod.endswith('.' + t) for t in mts)
+                or (plain.endswith('.bias') and self.config.get('bias', 'none') != 'none')): self.saved[plain] = k
+            else: self.extra.append(k)
         for mod, ab in self.modules.items():
             if set(ab) != {'A', 'B'}: raise ValueError(f"{self.file}: module {mod} has lora_{''.join(ab)} but not both A and B")
         self.r = int(self.config.get('r', 8)); self.alpha = float(self.config.get('lora_alpha', self.r))
@@ -385,19 +407,37 @@ class LoraAdapter:
             if mod == pat or mod.endswith('.' + pat) or re.fullmatch(pat, mod): return v
         return default
 
+    def _mod(self, base_key):
+        mod = base_key[:-len('.weight')] if base_key.endswith('.weight') else base_key
+        if mod not in self.modules: raise KeyError(f"{self.file}: no LoRA weights for {base_key}")
+        return mod
+
     def base_keys(self) -> list[str]:
         "The base checkpoint keys this adapter changes (`<module>.weight`)."
         return [f'{m}.weight' for m in self.modules]
 
-    def delta(self, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
-             ) -> torch.Tensor:
-        "The float32 delta for `base_key`."
-        mod = base_key[:-len('.weight')] if base_key.endswith('.weight') else base_key
-        if mod not in self.modules: raise KeyError(f"{self.file}: no LoRA weights for {base_key}")
+    def factors(self, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
+               ) -> tuple:
+        "(lora_A, lora_B, scale, transposed): the delta of `base_key` is `B @ A * scale`, transposed when `transposed`."
+        mod = self._mod(base_key)
         A = self._f.get_tensor(self.modules[mod]['A']); B = self._f.get_tensor(self.modules[mod]['B'])
         r = int(self._pattern('rank_pattern', mod, self.r)); alpha = float(self._pattern('alpha_pattern', mod, self.alpha))
         if A.shape[0] != r: r = A.shape[0]   # the tensors are the truth for the rank
-        return lora_delta(A, B, alpha, r, self.fan_in_fan_out, self.use_rslora)
+        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return A, B, scale, self.fan_in_fan_out or mod in self.embedding
+
+    def delta_shape(self, base_key:str) -> tuple:
+        "The shape of `base_key`'s delta, from the file header (nothing read)."
+        mod = self._mod(base_key)
+        a = self._f.get_slice(self.modules[mod]['A']).get_shape(); b = self._f.get_slice(self.modules[mod]['B']).get_shape()
+        return (a[1], b[0]) if self.fan_in_fan_out or mod in self.embedding else (b[0], a[1])
+
+    def delta(self, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
+             ) -> torch.Tensor:
+        "The float32 delta for `base_key`."
+        A, B, scale, tr = self.factors(base_key)
+        d = (B.float() @ A.float()) * scale
+        return d.T if tr else d
 
     def fold(self, base_key:str, base_weight:torch.Tensor) -> torch.Tensor:
         "`base_weight` with this adapter's delta folded in (base dtype)."
@@ -406,8 +446,22 @@ class LoraAdapter:
             raise ValueError(f"{self.file}: LoRA delta for {base_key} has shape {tuple(d.shape)}, base has {tuple(base_weight.shape)}")
         return (base_weight.float() + d).to(base_weight.dtype)
 
+    def saved_tensor(self, base_key:str, # a key of `saved`
+                     start:int|None=None, # first row to read (None: the whole tensor)
+                     stop:int|None=None # row after the last
+                    ) -> torch.Tensor:
+        "The adapter's own copy of `base_key` (modules_to_save, a saved embedding base layer, a trained bias), or its rows."
+        if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
+        if start is None: return self._f.get_tensor(self.saved[base_key])
+        return self._f.get_slice(self.saved[base_key])[start:stop]   # reads those rows only
+
+    def saved_shape(self, base_key:str) -> tuple:
+        "The shape of the adapter's copy of `base_key`, from the file header."
+        if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
+        return tuple(self._f.get_slice(self.saved[base_key]).get_shape())
+
     def __contains__(self, base_key): return (base_key[:-7] if base_key.endswith('.weight') else base_key) in self.modules
-    def __repr__(self): return f"LoraAdapter({self.path}, r={self.r}, alpha={self.alpha}, modules={len(self.modules)})"
+    def __repr__(self): return f"LoraAdapter({self.path}, r={self.r}, alpha={self.alpha}, modules={len(self.modules)}, saved={len(self.saved)})"
 
 def is_lora_adapter(path) -> bool:
     "Whether `path` is a peft LoRA adapter folder."

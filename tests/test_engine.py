@@ -335,3 +335,196 @@ def test_stream_kernel_matches_merge_tensors(rows, cols, n, chunk, dens, levels,
         with pytest.raises(ValueError, match='keeps no entry'): run()
         return
     assert torch.equal(run(), want)
+
+# ---------------------------------------------------------------- LoRA adapters as inputs
+def _peft_adapter(base, out, targets, seed, rslora=False, save_head=False, **kw):
+    "A peft LoRA adapter on the model in folder `base` (random A and B); returns the explicitly merged state dict (merge_and_unload)."
+    peft = pytest.importorskip('peft')
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    cls = LlavaForConditionalGeneration if 'llava' in json.loads((Path(base) / 'config.json').read_text())['model_type'] else AutoModelForCausalLM
+    m = cls.from_pretrained(base)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_rslora=rslora,
+                                                modules_to_save=['lm_head'] if save_head else None, **kw))
+    if save_head:   # a retrained lm_head, saved whole by the adapter
+        with torch.no_grad(): pm.base_model.model.lm_head.modules_to_save['default'].weight.add_(0.1)
+    pm.save_pretrained(out)
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(Path(out).parent / (Path(out).name + '_merged'))
+    return Path(out), Path(out).parent / (Path(out).name + '_merged')
+
+@pytest.mark.parametrize('form', ['plus', 'long', 'bare'])
+def test_lora_input_equals_explicitly_merged_model(llamas, tmp_path, form):
+    "TIES of (base + LoRA adapter) and a fine-tune = TIES of peft's merge_and_unload model and the same fine-tune, to float tolerance."
+    base, _, ft2 = llamas
+    ad, explicit = _peft_adapter(base, tmp_path / 'ad', ['q_proj', 'v_proj', 'down_proj', 'embed_tokens'], seed=3,
+                                 rslora=form == 'long', save_head=True)
+    ref = {'plus': f'{base}+{ad}', 'long': {'path': str(base), 'lora': str(ad)}, 'bare': str(ad)}[form]
+    def cfg(m): return {'merge_method': 'ties', 'base_model': str(base), 'dtype': 'float32',
+                        'models': [{'model': m, 'parameters': {'weight': 0.6, 'density': 0.5}},
+                                   {'model': str(ft2), 'parameters': {'weight': 0.4, 'density': 0.5}}]}
+    plan = build_plan(MergeConfig.from_dict(cfg(ref)))
+    lr = plan.readers[f'{base}+{ad}']
+    assert len(lr.targets) == 3 * 3 + 1 and set(lr.saved) == {'lm_head.weight', 'model.embed_tokens.weight'}
+    want_sd = load_out(explicit)   # the folded model, tensor by tensor, equals peft's merge
+    for k, v in want_sd.items(): torch.testing.assert_close(lr.get(k), v, rtol=0, atol=1e-6)
+    for k in ('model.embed_tokens.weight', 'model.layers.2.mlp.down_proj.weight', 'lm_head.weight'):   # row ranges, as the kernel reads
+        n = lr.shape(k)[0]
+        torch.testing.assert_close(torch.cat([lr.get(k, a, min(a + 7, n)) for a in range(0, n, 7)]), lr.get(k), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(lr.get('lm_head.weight'), CheckpointReader(base).get('lm_head.weight'))
+    plan.close()
+    a = load_out(run_merge(cfg(ref), tmp_path / 'a', progress=False, shard_size='30KB'))
+    b = load_out(run_merge(cfg(str(explicit)), tmp_path / 'b', progress=False))
+    assert set(a) == set(b)
+    for k in a: torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    card = (tmp_path / 'a' / 'README.md').read_text()
+    assert f'`{ad}`: a LoRA adapter folded into `{base}`' in card and 'r=4, alpha=8' in card and '10 tensors with a delta' in card
+    assert ('rsLoRA' in card) == (form == 'long')
+    front = yaml.safe_load(card.split('---')[1])
+    assert str(ad) in front['base_model'] and 'lora' in front['tags']
+
+def test_lora_on_a_vlm_maps_peft_names_to_the_checkpoint_layout(tmp_path):
+    "peft names a LLaVA's modules as transformers 5 loads it (model.language_model..., model.vision_tower...); the checkpoint keeps the old layout."
+    vlm = save_llava(tmp_path / 'vlm', 21)
+    ad, explicit = _peft_adapter(vlm, tmp_path / 'ad', ['q_proj', 'fc2'], seed=4)
+    names = load_file(str(ad / 'adapter_model.safetensors'))
+    assert any('model.language_model.layers' in k for k in names) and any('vision_tower' in k for k in names)
+    cfg = {'merge_method': 'task_arithmetic', 'base_model': str(vlm), 'dtype': 'float32',
+           'models': [{'model': f'{vlm}+{ad}', 'parameters': {'weight': 1.0}}]}
+    got, want, rb = load_out(run_merge(cfg, tmp_path / 'out', progress=False)), load_out(explicit), CheckpointReader(vlm)
+    assert set(got) == set(want) == set(rb.keys())
+    changed = [k for k in want if not torch.equal(want[k], rb.get(k))]
+    assert any(k.startswith('language_model.model.layers.') and 'q_proj' in k for k in changed)
+    assert any(k.startswith('vision_tower.') and 'q_proj' in k for k in changed)
+    assert any('fc2' in k for k in changed)
+    for k in got: torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+
+def test_lora_refusals(llamas, tmp_path):
+    base, ft1, _ = llamas
+    dora, _ = _peft_adapter(base, tmp_path / 'dora', ['q_proj'], seed=5, use_dora=True)
+    cfg = {'merge_method': 'task_arithmetic', 'base_model': str(base), 'models': [{'model': f'{base}+{dora}', 'parameters': {'weight': 1.0}}]}
+    _refused(cfg, tmp_path / 'out', r'dora/adapter_config.json: unsupported LoRA variant: use_dora')
+    plain, _ = _peft_adapter(base, tmp_path / 'plain', ['q_proj'], seed=6)
+    import shutil
+    odd = tmp_path / 'odd'; shutil.copytree(plain, odd)   # a tensor of a kind peft's LoRA does not write
+    sd = load_file(str(odd / 'adapter_model.safetensors')); sd['base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector'] = torch.ones(32)
+    save_file(sd, str(odd / 'adapter_model.safetensors'))
+    cfg['models'][0]['model'] = f'{base}+{odd}'
+    _refused(cfg, tmp_path / 'out', r'odd/adapter_model.safetensors: 1 tensor\(s\) are neither LoRA factors.*lora_magnitude_vector')
+    other = save_llama(tmp_path / 'wide', 9, intermediate_size=96)   # an adapter of another model: shapes differ
+    wide_ad, _ = _peft_adapter(other, tmp_path / 'wide_ad', ['down_proj'], seed=7)
+    cfg['models'][0]['model'] = f'{base}+{wide_ad}'
+    _refused(cfg, tmp_path / 'out', r'wide_ad/adapter_model.safetensors: the LoRA delta of .*down_proj')
+    c = json.loads((plain / 'adapter_config.json').read_text()); c['base_model_name_or_path'] = 'org/unknown-base'
+    (plain / 'adapter_config.json').write_text(json.dumps(c))
+    with pytest.raises(MergeConfigError, match="models\\[0\\].model: .* LoRA adapter of 'org/unknown-base'.*neither a local folder"):
+        MergeConfig.from_dict({**cfg, 'models': [{'model': str(plain), 'parameters': {'weight': 1.0}}]})
+    assert not (tmp_path / 'out').exists()
+
+# ---------------------------------------------------------------- use_sparsegpt
+SG_TEXTS = ['the cat sat on the mat', 'two plus three is five', 'a square has four equal sides',
+            'the angle of a right triangle is ninety degrees', 'seven times six is forty two', 'birds sing in the morning']
+
+@pytest.fixture(scope='module')
+def sg_llamas(tmp_path_factory):
+    "A tiny Llama with a tokenizer, and two dense fine-tunes of it."
+    from vlm_merge.sparsegpt import word_tokenizer
+    r = tmp_path_factory.mktemp('sg')
+    base = save_llama(r / 'base', 30)
+    word_tokenizer(SG_TEXTS, max_vocab=96).save_pretrained(base)
+    return base, finetune(base, r / 'ft1', 31, scale=0.02, density=1.0), finetune(base, r / 'ft2', 32, scale=0.02, density=1.0)
+
+def _count_forwards():
+    "Counts forward passes of any LlamaForCausalLM (a global hook: the engine loads its own models)."
+    calls = {'n': 0}
+    def pre(mod, args):
+        if type(mod).__name__ == 'LlamaForCausalLM': calls['n'] += 1
+    return calls, torch.nn.modules.module.register_module_forward_pre_hook(pre)
+
+def _direct_hessians(folder, texts, max_length):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vlm_merge.sparsegpt import hessians
+    return hessians(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), texts, None,
+                    tokenizer=AutoTokenizer.from_pretrained(folder), max_length=max_length, progress=False)
+
+@pytest.mark.parametrize('method,hessian', [('ties', 'self'), ('dare_ties', 'base')])
+def test_use_sparsegpt_matches_merge_tensors_with_importance(sg_llamas, tmp_path, method, hessian):
+    from vlm_merge.sparsegpt import sparsegpt_importance
+    from vlm_merge.engine import tensor_seed
+    base, ft1, ft2 = sg_llamas
+    (tmp_path / 'calib.tsv').write_text('id\ttext\n' + ''.join(f'{i}\t{t}\n' for i, t in enumerate(SG_TEXTS)))
+    ps = [{'weight': 0.5, 'density': 0.3}] * 2
+    cfg = {'merge_method': method, 'base_model': str(base), 'dtype': 'float32', 'seed': 3,
+           'models': [{'model': str(f), 'parameters': dict(p)} for f, p in zip((ft1, ft2), ps)],
+           'parameters': {'use_sparsegpt': True},
+           'sparsegpt': {'data': str(tmp_path / 'calib.tsv'), 'n_samples': 5, 'max_length': 12, 'hessian': hessian,
+                         'cache_dir': str(tmp_path / 'hcache')}}
+    calls, h = _count_forwards()
+    try:
+        got = load_out(run_merge(cfg, tmp_path / 'out', progress=False))
+        first = calls['n']
+        again = load_out(run_merge(cfg, tmp_path / 'out2', progress=False))
+        second = calls['n'] - first
+    finally: h.remove()
+    n_models = 1 if hessian == 'base' else 2
+    assert first == 5 * n_models and second == 0               # a rerun reads the cached Hessians: no forward pass
+    card = (tmp_path / 'out2' / 'README.md').read_text()
+    assert card.count('read from the cache') == n_models and '## SparseGPT importance' in card and 'sparsegpt' in card.split('---')[1]
+    assert '21 merged linear weights of the decoder layers were ranked by importance' in card   # 3 layers x 7
+    rb, r1, r2 = CheckpointReader(base), CheckpointReader(ft1), CheckpointReader(ft2)
+    H = {f: _direct_hessians(f, SG_TEXTS[:5], 12) for f in ((base,) if hessian == 'base' else (ft1, ft2))}
+    n_diff = 0
+    for k in rb.keys():
+        b0, xs = rb.get(k), [r1.get(k), r2.get(k)]
+        seed = tensor_seed(3, k)
+        mag = merge_tensors(method, b0, xs, [dict(p) for p in ps], {'tensor_name': k}, seed=seed)
+        mod = k[:-len('.weight')]
+        if '.layers.' in k and b0.dim() == 2:
+            Hs = [H[base][mod]] * 2 if hessian == 'base' else [H[ft1][mod], H[ft2][mod]]
+            want = merge_tensors(method, b0, xs, [dict(p) for p in ps], {'tensor_name': k}, seed=seed,
+                                 importance=[sparsegpt_importance(x - b0, Hm) for x, Hm in zip(xs, Hs)])
+            n_diff += not torch.equal(want != b0, mag != b0)
+        else: want = mag                                          # norms, embeddings, lm_head: magnitude
+        assert torch.equal(got[k], want), k
+        assert torch.equal(again[k], want), k
+    assert n_diff >= 15   # importance keeps other entries than magnitude on (nearly) every linear weight
+
+def test_sparsegpt_hessians_of_a_lora_input_are_of_the_folded_model(sg_llamas, tmp_path):
+    from vlm_merge.engine import input_hessians
+    base, ft1, _ = sg_llamas
+    ad, explicit = _peft_adapter(base, tmp_path / 'ad', ['down_proj', 'o_proj'], seed=8)
+    import shutil
+    for f in base.iterdir():
+        if f.name.startswith(('tokenizer', 'special')): shutil.copy(f, explicit)
+    cfg = {'merge_method': 'ties', 'base_model': str(base), 'parameters': {'use_sparsegpt': True},
+           'models': [{'model': f'{base}+{ad}', 'parameters': {'weight': 0.5, 'density': 0.3}},
+                      {'model': str(ft1), 'parameters': {'weight': 0.5, 'density': 0.3}}],
+           'sparsegpt': {'data': SG_TEXTS, 'max_length': 12, 'cache_dir': None}}
+    plan = build_plan(MergeConfig.from_dict(cfg))
+    try: Hs = input_hessians(plan, progress=False)
+    finally: plan.close()
+    assert set(Hs) == {f'{base}+{ad}', str(ft1)} and plan.hessian_passes == {f'{base}+{ad}': 6, str(ft1): 6}
+    want, of_base = _direct_hessians(explicit, SG_TEXTS, 12), _direct_hessians(base, SG_TEXTS, 12)
+    mod = 'model.layers.1.mlp.up_proj'   # its input depends on the adapted o_proj and down_proj of layer 0
+    torch.testing.assert_close(Hs[f'{base}+{ad}'][mod], want[mod], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(Hs[f'{base}+{ad}'][mod], of_base[mod], rtol=1e-3, atol=1e-6)
+
+def test_sparsegpt_config_errors(sg_llamas, tmp_path):
+    base, ft1, ft2 = sg_llamas
+    d = {'merge_method': 'ties', 'base_model': str(base), 'parameters': {'use_sparsegpt': True},
+         'models': [{'model': str(ft1), 'parameters': {'weight': 1.0}}]}
+    with pytest.raises(MergeConfigError, match='sparsegpt.data: use_sparsegpt needs calibration data'): MergeConfig.from_dict(d)
+    with pytest.raises(MergeConfigError, match='task_arithmetic drops no task-vector entry'):
+        MergeConfig.from_dict({**d, 'merge_method': 'task_arithmetic', 'sparsegpt': {'data': SG_TEXTS}})
+    with pytest.raises(MergeConfigError, match=r'models\[0\].parameters.use_sparsegpt: a global setting'):
+        MergeConfig.from_dict({**d, 'parameters': {}, 'models': [{'model': str(ft1), 'parameters': {'weight': 1.0, 'use_sparsegpt': True}}]})
+    with pytest.raises(MergeConfigError, match=r'sparsegpt.n_samples: expected a positive integer'):
+        MergeConfig.from_dict({**d, 'sparsegpt': {'data': SG_TEXTS, 'n_samples': 0}})
+    # per-model data: only the model without its own data needs the top-level one
+    c = MergeConfig.from_dict({**d, 'models': [{'model': str(ft1), 'parameters': {'weight': 1.0}, 'sparsegpt': {'data': ['x y']}}]})
+    assert c.sparsegpt_for(str(ft1))['data'] == ['x y'] and c.sparsegpt_for(str(ft1))['max_length'] == 512
+    with pytest.raises(MergeConfigError, match='missing.txt: no such file'):
+        run_merge({**d, 'sparsegpt': {'data': str(tmp_path / 'missing.txt')}}, tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists()
+    with pytest.warns(UserWarning, match='use_sparsegpt` is not on'):
+        build_plan(MergeConfig.from_dict({**d, 'parameters': {}, 'sparsegpt': {'data': SG_TEXTS}})).close()

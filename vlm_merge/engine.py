@@ -4,7 +4,8 @@
 
 # %% ../nbs/09_engine.ipynb #78bc19c5
 from __future__ import annotations
-import argparse, json, math, os, re, struct, sys, time, warnings, zlib
+import argparse, csv, gc, json, logging, math, os, re, struct, sys, time, warnings, zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,16 @@ import torch, yaml
 from tqdm.auto import tqdm
 
 from .anatomy import canonical_key, get_family, head_geometry, parse_key, UnknownFamilyError
-from .checkpoints import CheckpointReader, ShardedWriter, parse_size
-from .methods import MERGE_METHODS, merge_tensors
+from .checkpoints import CheckpointReader, ShardedWriter, parse_size, resolve_model_path
+from .methods import MERGE_METHODS, merge_tensors, LoraAdapter, is_lora_adapter
+from .sparsegpt import hessians, sparsegpt_importance
 
 # %% auto #0
-__all__ = ['DTYPES', 'CHUNK_ELEMENTS', 'MergeConfigError', 'MergeRefused', 'to_dtype', 'InputModel', 'MergeConfig',
-           'resolve_setting', 'merged_models', 'tensor_parameters', 'PlanItem', 'MergePlan', 'build_plan', 'RawReader',
-           'tensor_seed', 'kth_largest_bits', 'stream_task_arithmetic', 'merge_item', 'card_text', 'run_merge',
-           'merge_cli']
+__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'CHUNK_ELEMENTS', 'MergeConfigError', 'MergeRefused', 'to_dtype',
+           'lora_parts', 'InputModel', 'MergeConfig', 'resolve_setting', 'merged_models', 'tensor_parameters',
+           'PlanItem', 'MergePlan', 'build_plan', 'RawReader', 'LoraReader', 'open_input', 'tensor_seed',
+           'kth_largest_bits', 'stream_task_arithmetic', 'merge_item', 'card_text', 'run_merge', 'merge_cli',
+           'calibration_data', 'input_hessians']
 
 # %% ../nbs/09_engine.ipynb #1c7dc585
 class MergeConfigError(ValueError):
@@ -42,18 +45,97 @@ def to_dtype(name:str|torch.dtype|None # 'bfloat16', 'bf16', 'float16', 'float32
     return DTYPES[key]
 
 # %% ../nbs/09_engine.ipynb #0f073f68
+def lora_parts(ref:str # a model reference: a folder or Hub id, or mergekit's 'base+adapter'
+              ) -> tuple[str, str|None]:
+    "(base, adapter) of a LoRA reference 'base+adapter'; (ref, None) for a plain model."
+    if '+' not in ref or Path(ref).exists(): return ref, None
+    parts = ref.split('+')
+    if len(parts) != 2 or not all(parts):
+        raise MergeConfigError(f"{ref!r}: a LoRA reference is 'base+adapter', with exactly one '+'")
+    return parts[0], parts[1]
+
+def _path_of(x):
+    "A path from mergekit's ModelPath ({path: ..., revision: ...}) or a string."
+    return x.get('path') if isinstance(x, dict) else x
+
+def _model_ref(x, field:str) -> str:
+    "A model reference from a config value: 'path', 'base+adapter', {path, lora}, {model: {path}, lora: {path}}."
+    if isinstance(x, dict):   # mergekit's long forms
+        inner = x['model'] if 'model' in x else x.get('path')
+        base = _model_ref(inner, field) if isinstance(inner, dict) else inner
+        lora = _path_of(x.get('lora'))
+        if lora:
+            if not isinstance(lora, str): raise MergeConfigError(f'{field}.lora: expected an adapter folder or Hub id, got {lora!r}')
+            if not isinstance(base, str) or not base: raise MergeConfigError(f'{field}: the LoRA adapter {lora!r} needs a base `path`')
+            if lora_parts(base)[1] is not None: raise MergeConfigError(f'{field}: {base!r} already carries an adapter; one LoRA per model')
+            x = f'{base}+{lora}'
+        else: x = base
+    if not isinstance(x, str) or not x: raise MergeConfigError(f'{field}: expected a model path or Hub id, got {x!r}')
+    lora_parts(x)   # checks the 'base+adapter' form
+    return x
+
+def _bare_adapter(ref:str) -> bool:
+    "Whether `ref` is a local peft adapter folder on its own (adapter files, no model config)."
+    return lora_parts(ref)[1] is None and is_lora_adapter(ref) and not (Path(ref) / 'config.json').exists()
+
+def _with_base(ref:str, known:list, field:str) -> str:
+    "A bare adapter folder as 'base+adapter', its base from adapter_config.json (a model of the config or a local folder)."
+    if not _bare_adapter(ref): return ref
+    f = Path(ref) / 'adapter_config.json'
+    b = json.loads(f.read_text()).get('base_model_name_or_path')
+    if not b: raise MergeConfigError(f'{field}: {ref} is a LoRA adapter whose {f.name} names no base_model_name_or_path; write `model: BASE+{ref}`')
+    for k in known:   # the same model under the name the config uses
+        if k == b or (Path(k).exists() and Path(b).exists() and Path(k).resolve() == Path(b).resolve()): return f'{k}+{ref}'
+    if Path(b).is_dir(): return f'{b}+{ref}'
+    raise MergeConfigError(f'{field}: {ref} is a LoRA adapter of {b!r} ({f} base_model_name_or_path), which is neither a local '
+                           f'folder nor a model of this config; write `model: BASE+{ref}`')
+
+# %% ../nbs/09_engine.ipynb #ec5ff3bf
+SPARSEGPT_DEFAULTS = {'data': None, 'column': 'text', 'n_samples': 128, 'max_length': 512, 'hessian': 'self', 'kind': 'sparsegpt',
+                      'damp': 0.01, 'cache_dir': '~/.cache/vlm_merge/hessians', 'layers_per_pass': None, 'tokenizer': None,
+                      'dtype': 'float32'}
+_SPARSEGPT_PER_MODEL = ('data', 'column', 'n_samples', 'max_length', 'tokenizer')
+SPARSIFYING = ('ties', 'dare_ties', 'dare_linear', 'breadcrumbs', 'breadcrumbs_ties')   # the methods that drop task-vector entries
+
+def _ever_true(setting) -> bool:
+    "Whether a parameter setting (scalar, list, {filter, value} conditions) is true for some tensor."
+    if isinstance(setting, dict): setting = [setting]
+    if isinstance(setting, list): return any(_ever_true(c.get('value') if isinstance(c, dict) else c) for c in setting)
+    return bool(setting)
+
+def _sparsegpt_section(x, field:str, allowed) -> dict:
+    "A validated `sparsegpt:` mapping (errors name the field)."
+    if x is None: return {}
+    if not isinstance(x, dict): raise MergeConfigError(f'{field}: expected a mapping of {", ".join(allowed)}')
+    bad = set(x) - set(allowed)
+    if bad: raise MergeConfigError(f'{field}: unknown key(s) {sorted(bad)}; known: {", ".join(allowed)}')
+    for k in ('n_samples', 'max_length', 'layers_per_pass'):
+        v = x.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise MergeConfigError(f'{field}.{k}: expected a positive integer, got {v!r}')
+    if 'hessian' in x and x['hessian'] not in ('self', 'base'): raise MergeConfigError(f"{field}.hessian: expected 'self' or 'base', got {x['hessian']!r}")
+    if 'kind' in x and x['kind'] not in ('sparsegpt', 'obs', 'diag'):
+        raise MergeConfigError(f"{field}.kind: expected 'sparsegpt', 'obs' or 'diag', got {x['kind']!r}")
+    if 'damp' in x and (not isinstance(x['damp'], (int, float)) or not x['damp'] > 0): raise MergeConfigError(f"{field}.damp: expected a positive number, got {x['damp']!r}")
+    if x.get('data') is not None and not isinstance(x['data'], (str, list)):
+        raise MergeConfigError(f'{field}.data: expected a file or a list of samples, got {type(x["data"]).__name__}')
+    if 'dtype' in x: to_dtype(x['dtype'])
+    return dict(x)
+
+# %% ../nbs/09_engine.ipynb #198422df
 _MERGEKIT_KEYS = {'merge_method', 'base_model', 'models', 'slices', 'modules', 'parameters', 'dtype', 'out_dtype',
                   'tokenizer_source', 'tokenizer', 'chat_template', 'name'}
-_OWN_KEYS = {'output_model', 'embeddings', 'merge_layers', 'allow_mismatched_architectures', 'seed'}
+_OWN_KEYS = {'output_model', 'embeddings', 'merge_layers', 'allow_mismatched_architectures', 'seed', 'sparsegpt'}
 def _base_methods() -> set:
     "Methods that need a base_model (the task-vector family) plus slerp, whose base is one end."
     return {n for n, m in MERGE_METHODS.items() if m.needs_base} | {'slerp'}
 
 @dataclass
 class InputModel:
-    "One entry of `models:`: a model reference (local folder or Hub id) and its own parameters."
-    model: str   # local folder or Hub id
+    "One entry of `models:`: a model reference (local folder, Hub id or 'base+adapter') and its own parameters."
+    model: str   # local folder, Hub id, or 'base+adapter' (a LoRA adapter folded into its base)
     parameters: dict = field(default_factory=dict)   # per-model settings (weight, density, ...)
+    sparsegpt: dict = field(default_factory=dict)    # this model's own calibration settings (data, column, n_samples, max_length, tokenizer)
 
 @dataclass
 class MergeConfig:
@@ -72,6 +154,7 @@ class MergeConfig:
     merge_layers: list|None = None      # [[start, end), ...] layers merged; others copied from output_model
     allow_mismatched_architectures: bool = False   # opt in to different text architectures
     seed: int|None = None               # seed of random methods
+    sparsegpt: dict = field(default_factory=dict)   # calibration data and settings of `use_sparsegpt` (see SPARSEGPT_DEFAULTS)
     raw: dict = field(default_factory=dict, repr=False)   # the dict it was read from (for the model card)
 
     @classmethod
@@ -94,12 +177,18 @@ class MergeConfig:
         for i, m in enumerate(d['models']):
             if isinstance(m, str): m = {'model': m}
             if not isinstance(m, dict) or 'model' not in m: raise MergeConfigError(f'models[{i}]: expected a mapping with a `model` key')
-            extra = set(m) - {'model', 'parameters'}
+            extra = set(m) - {'model', 'parameters', 'sparsegpt'}
             if extra: raise MergeConfigError(f'models[{i}]: unknown key(s) {sorted(extra)}')
-            models.append(InputModel(_model_ref(m['model'], f'models[{i}].model'), dict(m.get('parameters') or {})))
+            ps = dict(m.get('parameters') or {})
+            if 'use_sparsegpt' in ps: raise MergeConfigError(f'models[{i}].parameters.use_sparsegpt: a global setting; put it under the top-level `parameters`')
+            models.append(InputModel(_model_ref(m['model'], f'models[{i}].model'), ps,
+                                     _sparsegpt_section(m.get('sparsegpt'), f'models[{i}].sparsegpt', _SPARSEGPT_PER_MODEL)))
+        base = _model_ref(d['base_model'], 'base_model') if d.get('base_model') else None
+        known = [r for r in [base] + [m.model for m in models] if r and not _bare_adapter(r)]
+        base = _with_base(base, known, 'base_model') if base else None
+        for i, m in enumerate(models): m.model = _with_base(m.model, known, f'models[{i}].model')
         dup = [m.model for i, m in enumerate(models) if m.model in [x.model for x in models[:i]]]
         if dup: raise MergeConfigError(f'models: {dup[0]!r} is listed twice')
-        base = _model_ref(d['base_model'], 'base_model') if d.get('base_model') else None
         if method in _base_methods() and base is None: raise MergeConfigError(f'base_model: {method} needs a base_model')
         ts = d.get('tokenizer_source')
         if ts == 'union': raise MergeConfigError("tokenizer_source: 'union' is not supported; name a model or 'base'")
@@ -112,11 +201,24 @@ class MergeConfig:
                 raise MergeConfigError(f'merge_layers: expected a list of [start, end) integer pairs, got {d["merge_layers"]!r}')
             ml = [list(r) for r in ml]
         for k in ('dtype', 'out_dtype'): to_dtype(d.get(k))
-        return cls(merge_method=method, models=models, base_model=base, parameters=dict(d.get('parameters') or {}),
+        params = dict(d.get('parameters') or {})
+        sp = _sparsegpt_section(d.get('sparsegpt'), 'sparsegpt', tuple(SPARSEGPT_DEFAULTS))
+        if _ever_true(params.get('use_sparsegpt')):
+            if method not in SPARSIFYING:
+                raise MergeConfigError(f'parameters.use_sparsegpt: {method} drops no task-vector entry, so there is nothing to rank; '
+                                       f'use one of {", ".join(SPARSIFYING)}')
+            who = [base] if sp.get('hessian', 'self') == 'base' else [m.model for m in models if m.model != base]
+            for r in who:
+                own = next((m.sparsegpt for m in models if m.model == r), {})
+                if own.get('data') is None and sp.get('data') is None:
+                    raise MergeConfigError(f'sparsegpt.data: use_sparsegpt needs calibration data for the Hessians of {r} '
+                                           '(a .txt/.tsv/.jsonl file or a list of texts)')
+        out_ref = _with_base(_model_ref(d['output_model'], 'output_model'), known, 'output_model') if d.get('output_model') else None
+        return cls(merge_method=method, models=models, base_model=base, parameters=params,
                    dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=d.get('chat_template'),
-                   name=d.get('name'), output_model=_model_ref(d['output_model'], 'output_model') if d.get('output_model') else None,
+                   name=d.get('name'), output_model=out_ref,
                    embeddings=emb, merge_layers=ml, allow_mismatched_architectures=bool(d.get('allow_mismatched_architectures', False)),
-                   seed=d.get('seed'), raw=dict(d))
+                   seed=d.get('seed'), sparsegpt=sp, raw=dict(d))
 
     @classmethod
     def from_yaml(cls, src:str|Path # a YAML file, or YAML text
@@ -130,6 +232,17 @@ class MergeConfig:
         return cls.from_dict(d)
 
     @property
+    def use_sparsegpt(self) -> bool:
+        "Whether `parameters.use_sparsegpt` is on for some tensor."
+        return _ever_true(self.parameters.get('use_sparsegpt'))
+
+    def sparsegpt_for(self, ref:str|None=None # a model reference; None: the global settings
+                     ) -> dict:
+        "The SparseGPT settings of the Hessians of `ref`: defaults, then the top-level `sparsegpt:`, then the model's own."
+        own = next((m.sparsegpt for m in self.models if m.model == ref), {}) if ref is not None else {}
+        return {**SPARSEGPT_DEFAULTS, **self.sparsegpt, **own}
+
+    @property
     def non_base(self) -> list:
         "The `models` entries other than the base model (mergekit lists the base among `models` too)."
         return [m for m in self.models if m.model != self.base_model]
@@ -140,16 +253,6 @@ class MergeConfig:
                          'models': [{'model': m.model, **({'parameters': m.parameters} if m.parameters else {})} for m in self.models],
                          'parameters': self.parameters, 'dtype': self.dtype}
         return yaml.safe_dump({k: v for k, v in d.items() if v is not None}, sort_keys=False)
-
-def _model_ref(x, field:str) -> str:
-    if isinstance(x, dict):   # mergekit's long form {model: {path: ..., lora: ...}} / {path: ...}
-        x = x.get('model', x)
-        if isinstance(x, dict):
-            if x.get('lora'): raise MergeConfigError(f'{field}: LoRA references are not supported; merge the adapter first')
-            x = x.get('path')
-    if not isinstance(x, str) or not x: raise MergeConfigError(f'{field}: expected a model path or Hub id, got {x!r}')
-    if '+' in x and not Path(x).exists(): raise MergeConfigError(f'{field}: LoRA references ({x!r}) are not supported; merge the adapter first')
-    return x
 
 # %% ../nbs/09_engine.ipynb #816730be
 def resolve_setting(setting:Any, # a scalar, a gradient list, or a list of {filter, value} conditions
@@ -203,6 +306,7 @@ class PlanItem:
     t: float = 0.0        # layer position in [0, 1] (gradients)
     shape: tuple = ()     # output shape
     rows: int|None = None # merge only the first `rows` rows (vocabulary mismatch); the rest from the output model
+    canon: str|None = None  # the canonical language-model name ('layers.3.attn_q.weight'); None outside the language model
 
 @dataclass
 class MergePlan:
@@ -213,6 +317,10 @@ class MergePlan:
     items: list            # list of `PlanItem`
     warnings: list = field(default_factory=list)
     raw: dict = field(default_factory=dict)   # model ref -> RawReader (pread, no memory map)
+    canonical: bool = True  # whether tensors were matched through the anatomy's canonical names
+    hessians: dict = field(default_factory=dict)        # model ref -> Hessians (`use_sparsegpt`), set by `input_hessians`
+    hessian_passes: dict = field(default_factory=dict)  # model ref -> forward passes run for them (0: read from the cache)
+    stats: Counter = field(default_factory=Counter)     # merged tensors ranked by 'sparsegpt' importance / by 'magnitude'
 
     def counts(self) -> dict:
         "How many tensors are copied and merged."
@@ -257,16 +365,19 @@ def _is_vlm(cfg:dict) -> bool:
     if fam is not None: return getattr(fam, 'kind', 'text') == 'vlm'
     return any(isinstance(cfg.get(k), dict) for k in ('vision_config', 'text_config'))
 
-def _canon_map(reader) -> dict:
-    "canonical language-model name -> key, for one checkpoint (empty when its family is unknown)."
-    fam = _family(reader.config)
+def _canon_keys(keys, fam) -> dict:
+    "canonical language-model name -> key, for the keys of one model of family `fam` (empty when it is None)."
     if fam is None: return {}
     out = {}
-    for k in reader.keys():
+    for k in keys:
         try: c = canonical_key(k, fam)
         except Exception: c = None
         if c is not None: out[c] = k
     return out
+
+def _canon_map(reader) -> dict:
+    "canonical language-model name -> key, for one checkpoint (empty when its family is unknown)."
+    return _canon_keys(reader.keys(), _family(reader.config))
 
 def _layer_of(canon:str|None, key:str) -> int|None:
     m = _LAYER_RE.search(canon or key)
@@ -299,7 +410,7 @@ def build_plan(config:MergeConfig, # the merge
                               ([config.tokenizer_source] if config.tokenizer_source not in (None, 'base') else [])))
     readers = dict(readers or {})
     for r in refs:
-        if r not in readers: readers[r] = CheckpointReader(r)
+        if r not in readers: readers[r] = open_input(r)
     allow = config.allow_mismatched_architectures if allow_mismatched_architectures is None else allow_mismatched_architectures
     warn = []
     merged_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
@@ -367,9 +478,12 @@ def build_plan(config:MergeConfig, # the merge
         for m, p in zip(merged_models(config), per):
             miss = [r for r in method.required if r not in p]
             if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
-        items.append(PlanItem(key, 'merge', src, base_key=base_key, t=t, shape=shape, rows=rows))
+        items.append(PlanItem(key, 'merge', src, base_key=base_key, t=t, shape=shape, rows=rows, canon=c))
+    if config.sparsegpt and not config.use_sparsegpt:
+        warn.append('sparsegpt: calibration settings given but `parameters.use_sparsegpt` is not on; tensors are ranked by magnitude')
     for w in warn: warnings.warn(w, stacklevel=2)
-    return MergePlan(config, readers, out_ref, items, warn, {r: RawReader(rd) for r, rd in readers.items()})
+    return MergePlan(config, readers, out_ref, items, warn, {r: rd if isinstance(rd, LoraReader) else RawReader(rd) for r, rd in readers.items()},
+                     canonical=use_canon)
 
 # %% ../nbs/09_engine.ipynb #0cab70ee
 class RawReader:
@@ -410,6 +524,102 @@ class RawReader:
     def close(self):
         for fd in self._fds.values(): os.close(fd)
         self._fds.clear(); self._hdr.clear()
+
+# %% ../nbs/09_engine.ipynb #165c2568
+def _match_key(name:str, # a parameter name of a loaded model ('model.language_model.layers.0.self_attn.q_proj.weight')
+               keys:set, # the keys of the checkpoint (or model) to find it in
+               fam=None, # their anatomy family (None: no canonical matching)
+               canon:dict|None=None # canonical name -> key among `keys` (`_canon_keys`)
+              ) -> str|None:
+    "The key of `keys` holding parameter `name`: the same name, the same canonical name, or the one key ending with its longest matching suffix."
+    if name in keys: return name
+    if fam is not None and canon:
+        try: c = canonical_key(name, fam)
+        except Exception: c = None
+        if c is not None and c in canon: return canon[c]
+    parts = name.split('.')
+    for j in range(1, len(parts) - 1):
+        tail = '.'.join(parts[j:])
+        hits = [k for k in keys if k == tail or k.endswith('.' + tail)]
+        if len(hits) == 1: return hits[0]
+        if hits: return None   # ambiguous
+    return None
+
+class LoraReader:
+    "A base checkpoint with a peft LoRA adapter folded in, tensor by tensor: a `CheckpointReader` look-alike with `RawReader.get`'s row ranges."
+    format = 'lora'
+    def __init__(self, base:str, # the base model: a folder or Hub id
+                 adapter:str # the adapter: a folder with adapter_config.json and adapter_model.safetensors
+                ):
+        self.base, self.source = CheckpointReader(base), f'{base}+{adapter}'
+        try:
+            ap = Path(adapter).expanduser()
+            if not ap.exists():   # a Hub id: the adapter's files only
+                ap = resolve_model_path(adapter, allow_patterns=['adapter_config.json', 'adapter_model.safetensors', 'tokenizer*',
+                                                                 'special_tokens_map.json', 'vocab*', 'merges.txt'])
+            self.adapter = ad = LoraAdapter(ap)
+        except (FileNotFoundError, ValueError) as e: raise MergeRefused(f'LoRA adapter {adapter}: {e}') from None
+        if ad.extra:
+            raise MergeRefused(f'{ad.file}: {len(ad.extra)} tensor(s) are neither LoRA factors nor saved modules (e.g. '
+                               f'{ad.extra[0]!r}): an unsupported peft variant; merge the adapter into its base first')
+        self.config, self.path = self.base.config, self.base.path
+        keys, fam = set(self.base.keys()), _family(self.config)
+        canon = _canon_keys(keys, fam)
+        def where(k):
+            ck = _match_key(k, keys, fam, canon)
+            if ck is None: raise MergeRefused(f'{ad.file}: {k} matches no tensor of the base {base} ({self.base.path})')
+            return ck
+        self.targets = {where(k): k for k in ad.base_keys()}   # checkpoint key -> the adapter's name for it
+        self.saved = {where(k): k for k in ad.saved}
+        for ck, k in self.targets.items():
+            if tuple(ad.delta_shape(k)) != tuple(self.shape(ck)):
+                raise MergeRefused(f'{ad.file}: the LoRA delta of {k} is {tuple(ad.delta_shape(k))} but {ck} of {base} is {tuple(self.shape(ck))}')
+        self._raw, self._last = RawReader(self.base), (None, None)
+
+    def keys(self) -> list[str]: return self.base.keys()
+    def __contains__(self, key) -> bool: return key in self.base
+    def __len__(self) -> int: return len(self.base)
+    def __iter__(self): return iter(self.base)
+    def shape(self, key:str) -> torch.Size:
+        return torch.Size(self.adapter.saved_shape(self.saved[key])) if key in self.saved else self.base.shape(key)
+    def dtype(self, key:str) -> torch.dtype: return self.base.dtype(key)
+    def file_of(self, key:str) -> Path: return self.adapter.file if key in self.saved or key in self.targets else self.base.file_of(key)
+    @property
+    def tokenizer_path(self) -> Path:
+        "The adapter's folder when it ships a tokenizer (a resized vocabulary), else the base's."
+        return self.adapter.path if any(self.adapter.path.glob('tokenizer*')) else self.path
+
+    def _factors(self, k):
+        if self._last[0] != k: self._last = (k, self.adapter.factors(k))   # the stream asks for one tensor's rows many times
+        return self._last[1]
+
+    def get(self, key:str, # tensor name in the base checkpoint
+            start:int|None=None, # first row (dim 0); None: the whole tensor
+            stop:int|None=None # row after the last
+           ) -> torch.Tensor:
+        "Tensor `key` of the folded model (or its rows [start, stop)): base (or saved copy) + B @ A * scale in float32, in the base's dtype."
+        dt = self.base.dtype(key)
+        if key in self.saved:
+            x = self.adapter.saved_tensor(self.saved[key], start, stop).to(dt)
+        else: x = self._raw.get(key, start, stop)
+        if key in self.targets:
+            k = self.targets[key]
+            if start is None: d = self.adapter.delta(k)   # exactly what `LoraAdapter.fold` adds
+            else:
+                A, B, s, tr = self._factors(k)
+                d = (B.float() @ A[:, start:stop].float()).T * s if tr else (B[start:stop].float() @ A.float()) * s
+            x = (x.float() + d).to(dt)
+        return x
+
+    def close(self):
+        self._raw.close(); self.base.close()
+    def __repr__(self): return f'LoraReader({self.source!r}: {len(self.targets)} tensors with a LoRA delta, {len(self.saved)} replaced)'
+
+def open_input(ref:str # a model reference: folder, Hub id, or 'base+adapter'
+              ) -> CheckpointReader|LoraReader:
+    "A lazy reader of one input: a checkpoint, or a base with a LoRA adapter folded in."
+    base, adapter = lora_parts(ref)
+    return CheckpointReader(ref) if adapter is None else LoraReader(base, adapter)
 
 # %% ../nbs/09_engine.ipynb #f7d7f3dc
 def _finite(t:torch.Tensor, what:str, fast:bool=False):
@@ -578,7 +788,11 @@ def merge_item(plan:MergePlan, # the plan
     dt = out_dtype or plan.readers[out_ref].dtype(it.out_key)
     refs = ([(cfg.base_model, it.base_key)] if it.base_key is not None else []) + list(it.src.items())
     per, glob = tensor_parameters(cfg, it.out_key, it.t)
-    if kernel and _kernel_ok(cfg, it, per, glob):
+    Hs = None
+    if glob.pop('use_sparsegpt', False) and cfg.merge_method in SPARSIFYING:
+        Hs = _item_hessians(plan, it)   # None: no Hessian for this tensor, ranked by magnitude
+        plan.stats['sparsegpt' if Hs is not None else 'magnitude'] += 1
+    if Hs is None and kernel and _kernel_ok(cfg, it, per, glob):
         get = lambda i, a, b: R[refs[i][0]].get(refs[i][1], a, b).to(device)
         return stream_task_arithmetic(get, it.shape, cfg.merge_method, per, glob, dt, name=it.out_key,
                                       chunk=CHUNK_ELEMENTS if torch.device(device).type == 'cpu' else 1 << 24,   # GPU: few big launches
@@ -590,30 +804,64 @@ def merge_item(plan:MergePlan, # the plan
     xs = [get(r, k) for r, k in refs]
     base = xs.pop(0) if it.base_key is not None else None
     glob['tensor_name'] = it.out_key
+    imp = None
+    if Hs is not None:   # each model's task vector scored with its Hessian (see `input_hessians`)
+        sp = cfg.sparsegpt_for()
+        imp = [sparsegpt_importance(x.float() - base.float(), H, damp=float(sp['damp']), kind=sp['kind']) for x, H in zip(xs, Hs)]
     # merge_tensors passes identical inputs through bit for bit, checks NaN/Inf and computes in float32
-    try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key)).to(dt)
+    try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key), importance=imp).to(dt)
     except (ValueError, TypeError) as e: raise MergeRefused(f'{it.out_key}: {e}') from None
     if it.rows is not None and it.rows < it.shape[0]:
         out = torch.cat([out.to('cpu'), R[out_ref].get(it.out_key, it.rows, it.shape[0]).to(dt)])
     return out.to('cpu')
 
 # %% ../nbs/09_engine.ipynb #970935a0
+def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
+    "The model card's lines on `use_sparsegpt`: settings, whose Hessians, how many tensors by importance and by magnitude."
+    sp = config.sparsegpt_for()
+    data = lambda d: f'`{d}`' if isinstance(d, (str, Path)) else f'{len(d)} samples given in the config'
+    who = ("each merged model's own Hessian (`hessian: self`)" if sp['hessian'] == 'self'
+           else f"the Hessian of the base model `{config.base_model}` (`hessian: base`)")
+    out = [f'Task-vector entries were kept by SparseGPT importance (`kind: {sp["kind"]}`, damp {sp["damp"]:g}) instead of magnitude, '
+           f'scored with {who}, from the calibration data {data(sp["data"]) if sp["data"] is not None else "given per model"} '
+           f'(at most {sp["n_samples"]} samples of at most {sp["max_length"]} tokens).']
+    out += [f'- `{m.model}` calibrated on {data(m.sparsegpt["data"])}' for m in config.models if m.sparsegpt.get('data') is not None]
+    if plan is not None:
+        st = plan.stats
+        out += ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} other '
+                'merged tensors (norms, biases, embeddings, lm_head, vision tower: no Hessian) by magnitude.']
+        if plan.hessian_passes:
+            out += ['', 'Hessians: ' + '; '.join(f'`{r}` ' + ('read from the cache' if n == 0 else f'computed ({n} forward passes)')
+                                               for r, n in plan.hessian_passes.items()) + '.']
+    return out
+
 def card_text(config:MergeConfig, # the merge
               plan:MergePlan|None=None, # adds the copy/merge counts and warnings when given
               ) -> str:
-    "A minimal model card (README.md): YAML front matter, sources, method, parameters."
+    "A minimal model card (README.md): YAML front matter, sources (LoRA adapters named), method, SparseGPT, parameters."
     refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
-    front = {'base_model': refs, 'tags': ['merge', 'vlm_merge', config.merge_method], 'library_name': 'transformers'}
+    ids = list(dict.fromkeys(x for r in refs for x in lora_parts(r) if x))   # a LoRA input: its base and its adapter
+    tags = ['merge', 'vlm_merge', config.merge_method] + (['lora'] if any(lora_parts(r)[1] for r in refs) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
+    front = {'base_model': ids, 'tags': tags, 'library_name': 'transformers'}
     lines = ['---', yaml.safe_dump(front, sort_keys=False).strip(), '---', '',
              f'# {config.name or "merged model"}', '',
              f'This model was merged with [vlm_merge](https://github.com/vlm-merge/vlm_merge) using the **{config.merge_method}** method'
              + (f' with `{config.base_model}` as the base.' if config.base_model else '.'), '', '## Sources', '']
-    lines += [f'- `{r}`' + (' (base)' if r == config.base_model else '') for r in refs]
+    for r in refs:
+        base, ad = lora_parts(r)
+        line = f'- `{r}`' if ad is None else f'- `{ad}`: a LoRA adapter folded into `{base}` tensor by tensor'
+        rd = plan.readers.get(r) if plan is not None else None
+        if isinstance(rd, LoraReader):
+            a = rd.adapter
+            line += (f' (r={a.r}, alpha={a.alpha:g}{", rsLoRA" if a.use_rslora else ""}; {len(rd.targets)} tensors with a delta'
+                     + (f', {len(rd.saved)} replaced by the adapter\'s saved modules' if rd.saved else '') + ')')
+        lines.append(line + (' (base)' if r == config.base_model else ''))
     if plan is not None:
         c = plan.counts()
         lines += ['', f'Output layout, config and non-language tensors from `{plan.output_model}`; '
                   f'{c["merge"]} tensors merged, {c["copy"]} copied.']
-        if plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
+    if config.use_sparsegpt: lines += ['', '## SparseGPT importance', ''] + _sparsegpt_card(config, plan)
+    if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
     lines += ['', '## Configuration', '', '```yaml', config.to_yaml().strip(), '```', '']
     return '\n'.join(lines)
 
@@ -657,9 +905,10 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
     if device.startswith('cuda') and not torch.cuda.is_available(): raise MergeConfigError(f'device: {device} requested but CUDA is not available')
     plan = build_plan(config, allow_mismatched_architectures=allow_mismatched_architectures)
     n_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
     try:
-        inputs = [r.path for r in plan.readers.values()]
+        if config.use_sparsegpt: input_hessians(plan, device=device, progress=progress)   # before the stream, all threads
+        if threads: torch.set_num_threads(threads)
+        inputs = [r.path for r in plan.readers.values()] + [r.adapter.path for r in plan.readers.values() if isinstance(r, LoraReader)]
         with ShardedWriter(out_dir, max_shard_size=shard_size, overwrite=overwrite, inputs=inputs) as w:
             trim = _libc_trim()
             for it in tqdm(plan.items, desc=f'merge ({config.merge_method})', unit='tensor', disable=not progress):
@@ -667,14 +916,22 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
                 trim()
             w.copy_aux(plan.readers[plan.output_model].path)
             ts = config.tokenizer_source
-            if ts is not None:
-                src = plan.readers[config.base_model if ts == 'base' else ts].path
-                toks = [p.name for p in Path(src).iterdir() if p.name.startswith(('tokenizer', 'special_tokens_map', 'vocab', 'merges'))]
+            srcs = [plan.readers[plan.output_model]] if ts is None else [plan.readers[config.base_model if ts == 'base' else ts]]
+            for rd in srcs:   # tokenizer_source's tokenizer; a LoRA adapter's own tokenizer (a resized vocabulary)
+                src = Path(getattr(rd, 'tokenizer_path', rd.path))
+                if ts is None and src == Path(rd.path): continue
+                toks = [p.name for p in src.iterdir() if p.name.startswith(('tokenizer', 'special_tokens_map', 'vocab', 'merges'))]
                 if toks: w.copy_aux(src, files=toks)
             if config.chat_template: w.write_text('chat_template.jinja', config.chat_template)
             w.write_json('config.json', _out_config(plan, dt))
             w.write_text('README.md', card_text(config, plan))
             w.write_text('mergekit_config.yml', config.to_yaml())
+        if config.use_sparsegpt:
+            msg = (f'use_sparsegpt: {plan.stats["sparsegpt"]} tensors ranked by SparseGPT importance, {plan.stats["magnitude"]} by magnitude '
+                   '(no Hessian); Hessians ' + ', '.join(f'{Path(lora_parts(r)[-1] or r).name}: ' + (f'{n} forward passes' if n else 'cached')
+                                                         for r, n in plan.hessian_passes.items()))
+            logging.getLogger(__name__).info(msg)
+            if progress: tqdm.write(msg)
     finally:
         plan.close(); torch.set_num_threads(n_threads)
     return Path(out_dir)
@@ -704,3 +961,113 @@ def merge_cli(argv:list|None=None # arguments after `vlm-merge merge`
         print(f'vlm-merge merge: error: {e}', file=sys.stderr); return 2
     print(f'merged into {out} in {time.perf_counter() - t0:.1f}s')
     return 0
+
+# %% ../nbs/09_engine.ipynb #51a5abaf
+def calibration_data(data, # a .txt file (one sample a line), a .tsv (header row) or .jsonl file, or a list of texts / token-id lists
+                     column:str='text', # the TSV column / JSONL field holding the text
+                     n_samples:int|None=128, # keep the first `n_samples` (None: all)
+                     field:str='sparsegpt.data' # the config field, for errors
+                    ) -> list:
+    "The calibration samples named by a config: texts (or token-id lists), in file order."
+    if isinstance(data, (list, tuple)): out = list(data)
+    elif isinstance(data, (str, Path)):
+        p = Path(data).expanduser()
+        if not p.is_file(): raise MergeConfigError(f'{field}: {p}: no such file')
+        if p.suffix == '.tsv':
+            with p.open(newline='', encoding='utf-8') as f: rows = list(csv.reader(f, delimiter='\t'))
+            if not rows: raise MergeConfigError(f'{field}: {p} is empty')
+            if column in rows[0]: j = rows[0].index(column)
+            elif len(rows[0]) == 1: j = 0
+            else: raise MergeConfigError(f'{field}: {p} has no column {column!r} (columns: {rows[0]}); set sparsegpt.column')
+            out = [r[j] for r in rows[1:] if len(r) > j]
+        elif p.suffix == '.jsonl':
+            out = []
+            for n, line in enumerate(p.read_text(encoding='utf-8').splitlines(), 1):
+                if not line.strip(): continue
+                try: out.append(json.loads(line)[column])
+                except (ValueError, KeyError, TypeError): raise MergeConfigError(f'{field}: {p} line {n}: no field {column!r}') from None
+        else: out = p.read_text(encoding='utf-8').splitlines()
+    else: raise MergeConfigError(f'{field}: expected a file or a list of samples, got {type(data).__name__}')
+    out = [x for x in out if not (isinstance(x, str) and not x.strip())]
+    for x in out:
+        if not isinstance(x, str) and not (isinstance(x, (list, tuple)) and x and all(isinstance(i, int) for i in x)):
+            raise MergeConfigError(f'{field}: a sample is neither a text nor a list of token ids: {x!r:.60}')
+    if not out: raise MergeConfigError(f'{field}: no calibration samples')
+    return out[:n_samples] if n_samples else out
+
+# %% ../nbs/09_engine.ipynb #af861500
+def _hessian_model(reader, # the input's reader (`CheckpointReader` or `LoraReader`)
+                   sp:dict, # its SparseGPT settings (`MergeConfig.sparsegpt_for`)
+                   device:str # where the forward passes run
+                  ):
+    "The input as a transformers model (a LoRA input with its adapter folded in), and its tokenizer (None without one)."
+    import transformers
+    arch = (reader.config.get('architectures') or [None])[0]
+    cls = (getattr(transformers, arch, None) if isinstance(arch, str) else None) or transformers.AutoModelForCausalLM
+    try: model = cls.from_pretrained(str(reader.path), dtype=to_dtype(sp['dtype'])).to(device).eval()
+    except Exception as e:
+        raise MergeRefused(f'sparsegpt: cannot load {reader.path} with transformers for its Hessians: {type(e).__name__}: {e}') from None
+    if isinstance(reader, LoraReader):   # the same folded tensors the merge reads
+        sd = model.state_dict(); keys = set(sd); fam = _family(reader.config); canon = _canon_keys(keys, fam)
+        with torch.no_grad():
+            for ck, name in {**reader.saved, **reader.targets}.items():
+                lk, t = _match_key(name, keys, fam, canon), reader.get(ck)
+                if lk is None or tuple(sd[lk].shape) != tuple(t.shape):
+                    raise MergeRefused(f'{reader.adapter.file}: cannot fold {name} into the loaded {type(model).__name__} for its Hessians')
+                sd[lk].copy_(t)
+    try: tok = transformers.AutoTokenizer.from_pretrained(str(sp['tokenizer'] or getattr(reader, 'tokenizer_path', reader.path)))
+    except Exception: tok = None
+    return model, tok
+
+def input_hessians(plan:MergePlan, # the plan of a merge with `use_sparsegpt`
+                   device:str='cpu', # where the forward passes run
+                   progress:bool=True # progress bars
+                  ) -> dict:
+    "Hessians of each input whose task vectors are scored (every merged model, or the base with `hessian: base`): cached or computed once."
+    cfg = plan.config
+    who = [cfg.base_model] if cfg.sparsegpt_for()['hessian'] == 'base' else [m.model for m in merged_models(cfg)]
+    for ref in tqdm(who, desc='hessians', unit='model', disable=not progress):
+        sp = cfg.sparsegpt_for(ref)
+        data = calibration_data(sp['data'], sp['column'], sp['n_samples'], field=f'sparsegpt.data (for {ref})')
+        model, tok = _hessian_model(plan.readers[ref], sp, device)
+        if tok is None and any(isinstance(x, str) for x in data):
+            raise MergeConfigError(f'sparsegpt.tokenizer: {ref} has no tokenizer to encode the calibration texts; name one, or give token ids')
+        calls = [0]
+        h = model.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        cache = None if sp['cache_dir'] is None else Path(sp['cache_dir']).expanduser()
+        try: plan.hessians[ref] = hessians(model, data, cache, tokenizer=tok, max_length=sp['max_length'],
+                                           layers_per_pass=sp['layers_per_pass'], progress=progress)
+        except (ValueError, RuntimeError) as e: raise MergeRefused(f'sparsegpt: the Hessians of {ref}: {e}') from None
+        finally: h.remove()
+        plan.hessian_passes[ref] = calls[0]
+        del model; gc.collect()
+    return plan.hessians
+
+# %% ../nbs/09_engine.ipynb #176d09b9
+_VISION_RE = re.compile(r'vision|visual|image|patch|encoder')
+
+def _hessian_for(store, key:str):
+    "The Hessian of checkpoint key `key` in `store` (a `HessianStore` or a dict module -> H), or None."
+    if hasattr(store, 'for_key'): return store.for_key(key)
+    mod = key[:-len('.weight')] if key.endswith('.weight') else key
+    if mod in store: return store[mod]
+    m = re.search(r'(?:^|\.)layers\.(\d+\..*)$', mod)
+    return next((store[n] for n in store if m and n.endswith('layers.' + m.group(1))), None)
+
+def _item_hessians(plan:MergePlan, it:PlanItem) -> list|None:
+    "The Hessian scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."
+    if it.base_key is None or it.rows is not None or len(it.shape) != 2 or not it.out_key.endswith('.weight'): return None
+    lm = it.canon.startswith('layers.') if it.canon is not None else (
+        not plan.canonical and _LAYER_RE.search(it.out_key) is not None and not _VISION_RE.search(it.out_key))
+    if not lm: return None
+    cfg = plan.config
+    by_base = cfg.sparsegpt_for()['hessian'] == 'base'
+    Hs = []
+    for ref, key in it.src.items():
+        store = plan.hessians.get(cfg.base_model if by_base else ref)
+        H = None if store is None else _hessian_for(store, it.base_key if by_base else key)
+        if H is None: return None
+        if tuple(H.shape) != (it.shape[1], it.shape[1]):
+            raise MergeRefused(f'{it.out_key}: the Hessian of {ref} is {tuple(H.shape)}, but the tensor has {it.shape[1]} inputs')
+        Hs.append(H)
+    return Hs

@@ -153,12 +153,11 @@ def draw_figure(fig:dict,      # {'shape': ..., values}: what `make_geometry` re
             qx = c[0] + int(fs * 0.6) if c[0] < size // 2 else c[0] - int(fs * 0.6)   # beside the apex, on the roomier side
             _text(d, (qx, c[1] + fs // 2), str(fig.get('top', '?')), f)
         else:
-            a, b = (m + fs // 2, by), (size - m - fs // 2, by)
-            c = ((a[0] + b[0]) // 2, m + 2)   # isosceles-looking, so the side labels clear the apex
+            half = int(size * 0.19)   # a slim isosceles triangle, so the side labels in the top corners sit clear of its sides
+            a, b, c = (size // 2 - half, by), (size // 2 + half, by), (size // 2, m + 2)
             d.polygon([a, b, c], outline='black', width=lw)
-            _text(d, ((a[0] + b[0]) // 2, by + h2), str(fig['bottom']), f)
-            ly = int(a[1] + 0.7 * (c[1] - a[1]))   # side labels at the image edges, level with the upper part of each side
-            _text(d, (m + int(fs * 0.6), ly), str(fig['left']), f); _text(d, (size - m - int(fs * 0.6), ly), str(fig['right']), f)
+            _text(d, (size // 2, by + h2), str(fig['bottom']), f)
+            _text(d, (1, 1), str(fig['left']), f, anchor='lt'); _text(d, (size - 2, 1), str(fig['right']), f, anchor='rt')
     else: raise ValueError(f"draw_figure: unknown shape {shape!r}")
     return img
 

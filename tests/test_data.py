@@ -86,3 +86,19 @@ def test_prompts():
     assert '#### ' not in gsm_prompt('q') and '####' in gsm_prompt('q')
     assert geometry_prompt('p', ['1', '2', '3', '4']).count('\n') == 6
     with pytest.raises(ValueError, match='at most 4'): geometry_prompt('p', list('12345'))
+
+
+def test_geometry_choices_do_not_give_the_answer_away():
+    "The answer must be read off the figure: guessing from the four choices alone (the one with most near neighbours,"
+    " or the median-like one) stays near chance. The old symmetric fill (correct +-1, +-2) let the first guess score 0.68."
+    import numpy as np
+    from vlm_merge.data import make_geometry
+    df = make_geometry(600, seed=11, kind='perception')
+    def most_neighbours(ch):
+        v = [int(c) for c in ch]; st = min(abs(a - b) for a in v for b in v if a != b)
+        return 'ABCD'[int(np.argmax([sum(abs(a - b) <= st for b in v if b != a) for a in v]))]
+    def median_like(ch):
+        v = [int(c) for c in ch]; return 'ABCD'[int(np.argmin([sum(abs(a - b) for b in v) for a in v]))]
+    for guess in (most_neighbours, median_like):
+        acc = np.mean([guess(c) == a for c, a in zip(df.choices, df.answer)])
+        assert acc < 0.45, (guess.__name__, acc)

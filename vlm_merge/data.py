@@ -170,15 +170,16 @@ def to_base64(img) -> str:
     return _to_b64(to_pil(img))
 
 def _choices(rng, correct:int, pool:list, step:int) -> tuple[list[str], str]:
-    "Four distinct positive choices: `correct`, distractors from `pool` first, then correct +- k*step; shuffled."
+    "Four distinct positive choices: `correct`, distractors from `pool` first, then values around a random shift of `correct`; shuffled."
     opts = [correct]
     for v in pool:
         if v > 0 and v not in opts and len(opts) < 4: opts.append(int(v))
-    k = 1
-    while len(opts) < 4:
-        for v in (correct + k * step, correct - k * step):
-            if v > 0 and v not in opts and len(opts) < 4: opts.append(int(v))
-        k += 1
+    # fill around a randomly shifted centre, not symmetrically around `correct`: a symmetric fill leaves the answer
+    # in the middle of the choices, readable from the choices alone
+    centre = correct + step * int(rng.integers(-3, 4))
+    for d in [int(d) for d in rng.permutation(np.arange(-4, 5))] + list(range(5, 60)):
+        v = centre + d * step
+        if v > 0 and v not in opts and len(opts) < 4: opts.append(int(v))
     order = rng.permutation(4)
     choices = [str(opts[i]) for i in order]
     return choices, 'ABCD'[choices.index(str(correct))]
@@ -204,7 +205,7 @@ def _geo_one(rng, kind:str) -> tuple[dict, str, int, list, int]:
                ([w + h, area, per + 2] if q == 'perimeter' else [per, w + h, area + w]), 2 if q == 'perimeter' else 1
     if shape == 'square':
         s = L(); fg = dict(shape=shape, side=s)
-        if kind == 'perception': fg['asked'] = 'side'; return fg, 'Find the side length of the square.', s, [s + 1, 2 * s], 1
+        if kind == 'perception': fg['asked'] = 'side'; return fg, 'Find the side length of the square.', s, [2 * s], 1
         q = ['perimeter', 'area'][rng.integers(2)]; fg['asked'] = q
         return fg, f'Find the {q} of the square.', 4 * s if q == 'perimeter' else s * s, \
                ([2 * s, s * s, 3 * s] if q == 'perimeter' else [4 * s, 2 * s, s * s + s]), 1

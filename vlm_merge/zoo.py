@@ -124,7 +124,7 @@ def _image_proc_kw(): return dict(image_mean=[0.5]*3, image_std=[0.5]*3)
 def llava_parts(tok,              # the zoo tokenizer
                 text_config,      # LlamaConfig of the language model
                 image_size:int=64,# input side in pixels
-                patch:int=16,     # CLIP patch size: (image_size/patch)^2 image tokens
+                patch:int=8,      # CLIP patch size: (image_size/patch)^2 image tokens
                 vhidden:int=64,   # vision hidden size
                 vlayers:int=2,    # vision layers
                ):
@@ -283,8 +283,8 @@ def greedy_generate(model,              # a loaded model
 
 # %% ../nbs/03_zoo.ipynb #f3880463
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1500, 'vlm-2': 1500, 'wide-lm': 500}
-VISION_LR = 1e-2   # peak learning rate of the VLMs' vision tower and projector (the language model: 2e-3)
+ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 2000, 'vlm-2': 2200, 'wide-lm': 500}
+VISION_LR = 3e-3   # peak learning rate of the VLMs' vision tower and projector (the language model: 2e-3)
 
 
 def _dedupe(test:pd.DataFrame, train:pd.DataFrame, cols:list[str]) -> pd.DataFrame:
@@ -438,10 +438,11 @@ def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
                                        steps=steps.get(name, steps['spec']) if kind == 'spec' else steps[name])
     out = [J('wide-lm', 'wide', [('gsm', 'mgsm_en.tsv', Z['test'])]),
            J('base-lm', 'base', [('gsm', 'mgsm_en.tsv', Z['cross'])] + specs),
+           # base-lm's fine-tunes, longest first so that two workers finish together
+           J('vlm-llava', 'llava', geo + [('gsm', 'mgsm_en.tsv', Z['cross'])]), J('vlm-2', 'idefics3', geo),
            J('reason-lm', 'reason', [('gsm', 'mgsm_en.tsv', Z['test'])] + specs)]
     for s in SPEC_TASKS:
         out.append(J(s, 'spec', [(t, f, Z['test'] if t == s else Z['cross']) for t, f, _ in specs] + [('gsm', 'mgsm_en.tsv', Z['cross'])]))
-    out += [J('vlm-llava', 'llava', geo + [('gsm', 'mgsm_en.tsv', Z['cross'])]), J('vlm-2', 'idefics3', geo)]
     return out
 
 def build_zoo(out_dir:str|Path,          # folder to create (atomically: built in a temporary sibling, then renamed)

@@ -200,9 +200,14 @@ def sources_of(merge_config:dict # mergekit-style: base_model, models[{model, pa
               ) -> list[str]:
     "The source models named in a merge config, base model first, each once."
     out = []
+    def refs(m) -> list:   # a string ('base+adapter' gives both), {model: ...}, mergekit's {path, lora} and {model: {path}, lora: {path}}
+        if isinstance(m, dict): return refs(m.get('model', m.get('path'))) + refs(m.get('lora'))
+        if not m: return []
+        s = str(m)
+        return s.split('+') if s.count('+') == 1 and not Path(s).exists() else [s]
     def add(m):
-        if isinstance(m, dict): m = m.get('model')
-        if m and str(m) not in out: out.append(str(m))
+        for r in refs(m):
+            if r and r not in out: out.append(r)
     add(merge_config.get('base_model'))
     for m in merge_config.get('models') or []: add(m)
     for s in merge_config.get('slices') or []:

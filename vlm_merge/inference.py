@@ -16,7 +16,8 @@ from .data import (load_gsm, load_geometry, to_pil, gsm_prompt, geometry_prompt,
 
 # %% auto #0
 __all__ = ['BACKENDS', 'FALLBACK_CHAT_TEMPLATE', 'TASKS', 'GEOMETRY3K_HUB_ID', 'Backend', 'detect_backend', 'pick_dtype',
-           'pick_device', 'Inferencer', 'load_task_data', 'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
+           'pick_device', 'Inferencer', 'plain_greedy', 'greedy_decode', 'load_task_data', 'evaluate',
+           'write_predictions', 'perplexity', 'infer_cli']
 
 # %% ../nbs/10_inference.ipynb #a801ab30
 @dataclass
@@ -151,6 +152,46 @@ def _encode(self:Inferencer, texts:list[str], images:list|None=None) -> dict:
     return {k: (v.to(self.model.device, dtype=dt) if v.is_floating_point() else v.to(self.model.device)) for k, v in enc.items()}
 Inferencer.encode = _encode
 
+# %% ../nbs/10_inference.ipynb #6c371059
+_GREEDY_PLAIN = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, min_length=0, min_new_tokens=None,
+                     bad_words_ids=None, forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=None,
+                     begin_suppress_tokens=None, sequence_bias=None, exponential_decay_length_penalty=None)
+
+def plain_greedy(model) -> bool:
+    "Whether `model.generate`'s greedy decoding is a plain argmax: no logits processor set in its generation config."
+    gc = getattr(model, 'generation_config', None)
+    return gc is None or all(getattr(gc, k, d) in (d, None) or (k == 'encoder_repetition_penalty' and getattr(gc, k) == 1.0)
+                             for k, d in _GREEDY_PLAIN.items())
+
+@torch.inference_mode()
+def greedy_decode(model,                      # a causal LM whose forward takes a KV cache and `position_ids`
+                  input_ids:torch.Tensor,     # (batch, length), padded on the left
+                  attention_mask:torch.Tensor,# (batch, length), 0 on padding
+                  max_new_tokens:int,         # new tokens per row at most
+                  eos_token_id=None,          # an id or a list of ids: a row ends at any of them (kept in its output)
+                 ) -> list[list[int]]:
+    "The new tokens of each row under greedy decoding; a row leaves the batch, and its KV cache rows go, once it ends."
+    from transformers import DynamicCache
+    import inspect
+    ckw = 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'   # renamed in transformers 5.24
+    if max_new_tokens < 1: return [[] for _ in range(len(input_ids))]
+    dev = input_ids.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), dtype=torch.long, device=dev)
+    out, rows = [[] for _ in range(len(input_ids))], torch.arange(len(input_ids), device=dev)
+    cache, ids, mask = DynamicCache(config=model.config), input_ids, attention_mask.long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)   # positions count real tokens only
+    for step in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{ckw: cache}).logits
+        nxt = logits[:, -1].argmax(-1)
+        for r, t in zip(rows.tolist(), nxt.tolist()): out[r].append(t)
+        live = ~torch.isin(nxt, eos) if len(eos) else torch.ones_like(nxt, dtype=torch.bool)
+        if step + 1 == max_new_tokens or not bool(live.any()): break
+        if not bool(live.all()):   # drop the rows that ended, from the batch and from the cache
+            keep = live.nonzero()[:, 0]
+            cache.batch_select_indices(keep); rows, mask, pos, nxt = rows[keep], mask[keep], pos[keep], nxt[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], -1); pos = pos[:, -1:] + 1; ids = nxt[:, None]
+    return out
+
 # %% ../nbs/10_inference.ipynb #ce72d49f
 def _generate(self:Inferencer,
               prompts:list[str],            # user messages (without chat template)
@@ -175,6 +216,7 @@ def _generate(self:Inferencer,
     gen = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, do_sample=do_sample)
     if do_sample: gen.update(temperature=temperature if temperature and temperature > 0 else 1.0)
     else: gen.update(temperature=None, top_p=None, top_k=None)
+    shrink = not do_sample and self.backend_name == 'llama3' and plain_greedy(self.model)   # text models: `greedy_decode`
     out = [None] * len(texts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc='generate', disable=not progress):
@@ -185,8 +227,10 @@ def _generate(self:Inferencer,
         else: sub = [idx]
         for ids in sub:
             enc = self.encode([texts[i] for i in ids], [imgs[i] for i in ids] if imgs[ids[0]] is not None else None)
-            with torch.inference_mode(): seqs = self.model.generate(**enc, **gen)
-            new = seqs[:, enc['input_ids'].shape[1]:]
+            if shrink: new = greedy_decode(self.model, enc['input_ids'], enc['attention_mask'], max_new_tokens, self.eos_token_id)
+            else:
+                with torch.inference_mode(): seqs = self.model.generate(**enc, **gen)
+                new = seqs[:, enc['input_ids'].shape[1]:]
             for i, t in zip(ids, self.tokenizer.batch_decode(new, skip_special_tokens=True)): out[i] = t.strip()
     return out
 Inferencer.generate = _generate

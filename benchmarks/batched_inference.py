@@ -4,7 +4,10 @@ Uses the zoo's reason-lm (GSM answers of about 20 tokens) when `vlm_merge.zoo` i
 word-level tokenizer), greedy decoding, and checks that both runs produce identical text (left padding is correct).
 Prints samples/s of each and their ratio; the target is a ratio >= 5.
 
-    python benchmarks/batched_inference.py [--n 64] [--max_new_tokens 32] [--batch_size 16] [--model PATH] [--device cpu] [--threads 1]
+    python benchmarks/batched_inference.py [--n 64] [--max_new_tokens 32] [--batch_size 16] [--model PATH] [--device cpu] [--threads 1] [--hf_generate]
+
+Text models decode greedily with `vlm_merge.inference.greedy_decode`, which drops finished rows from the batch;
+`--hf_generate` measures transformers' `model.generate` instead (rows run until the longest one ends).
 
 On a shared, loaded CPU, torch's intra-op threads oversubscribe the cores and make every step slow; `--threads 1`
 gives stable figures (both runs always use the same thread count).
@@ -54,10 +57,13 @@ def main():
     p.add_argument('--model', default=None, help='a causal LM folder; default: zoo reason-lm, else a tiny random Llama')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch default)')
+    p.add_argument('--hf_generate', action='store_true', help="decode with transformers' generate, not greedy_decode")
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     from vlm_merge.data import make_gsm, gsm_prompt
     from vlm_merge.inference import Inferencer
+    import vlm_merge.inference as vi
+    if a.hf_generate: vi.plain_greedy = lambda model: False   # `Inferencer.generate` then falls back to model.generate
     tmp = tempfile.TemporaryDirectory()
     model = a.model or _zoo_model()
     source = 'given' if a.model else ('zoo' if model else 'tiny random Llama')
@@ -76,7 +82,7 @@ def main():
     same = sum(x == y for x, y in zip(batched, single))
     n_params = sum(p.numel() for p in inf.model.parameters())
     res = dict(model=str(model), source=source, params=n_params, device=a.device, threads=torch.get_num_threads(), n=a.n,
-               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+               max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, decoder='model.generate' if a.hf_generate else 'greedy_decode',
                batched_samples_per_s=round(a.n / (t1 - t0), 2), per_sample_samples_per_s=round(a.n / (t2 - t1), 2),
                ratio=round((t2 - t1) / (t1 - t0), 2), identical_outputs=f'{same}/{a.n}')
     print(json.dumps(res, indent=1))

@@ -61,11 +61,11 @@ def test_run_cli_env(zoo, tmp_path, monkeypatch, capsys):
 def test_demo_end_to_end(zoo, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('VLM_MERGE_ZOO', str(zoo))
     out = tmp_path/'demo'
-    assert demo_cli(['--out', str(out), '--limit', '4', '--quiet']) == 0
+    assert demo_cli(['--out', str(out), '--limit', '4', '--quiet', '--vlm', 'vlm-llava']) == 0
     txt = capsys.readouterr().out
     assert 'vlm-llava_lora' in txt and 'vlm-llava_mean' in txt and 'vs the unmerged VLM' in txt
     assert (out/'overlap_heatmap.png').exists() and (out/'merged'/'vlm-llava_lora'/'config.json').exists()
-    assert demo_cli(['--out', str(out), '--limit', '4', '--quiet']) == 2          # refuses a non-empty folder
+    assert demo_cli(['--out', str(out), '--limit', '4', '--quiet', '--vlm', 'vlm-llava']) == 2   # refuses a non-empty folder
     (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'x').write_text('keep')
     assert demo_cli(['--out', str(tmp_path/'mine'), '--overwrite', '--quiet']) == 2   # not a demo folder: untouched
     assert (tmp_path/'mine'/'x').read_text() == 'keep'

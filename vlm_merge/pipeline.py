@@ -264,7 +264,7 @@ def _prepare_out(out:Path, overwrite:bool) -> None:
 
 def demo(out:str|Path='./vlm_merge_demo', # output folder
          overwrite:bool=False,            # replace a previous demo's folder
-         vlm:str='vlm-llava',             # zoo VLM (base and model A)
+         vlm:str='vlm-2',                 # zoo VLM (base and model A): 'vlm-2' (Idefics3) or 'vlm-llava'
          reasoner:str='reason-lm',        # zoo reasoning LLM (model B)
          methods:tuple=('lora', 'mean'),  # merge rules to compare
          sample_size:int=32,              # detection samples per model
@@ -275,7 +275,7 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
         ) -> 'pd.DataFrame':
     "Detect -> shared -> merge -> evaluate on the zoo; returns the results table (also in `out/results.tsv`)."
     import pandas as pd
-    from vlm_merge.zoo import zoo_path, zoo_data_path
+    from vlm_merge.zoo import zoo_path, zoo_data_path, zoo_manifest
     from vlm_merge.data import make_geometry, write_geometry_parquet
     out = Path(out); t0 = time.time()
     vpath, rpath = zoo_path(vlm), zoo_path(reasoner)       # fail early when the zoo is missing
@@ -283,7 +283,7 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
     _prepare_out(out, overwrite)
     write_geometry_parquet(make_geometry(sample_size, seed=9001, kind='mixed'), out/'data'/'detect_geometry.parquet')
     cfg = PipelineConfig.from_dict(dict(
-        models=[{'name': vlm, 'base': str(vpath), 'preset': 'llava-next'}], reasoning_model=str(rpath), methods=list(methods),
+        models=[{'name': vlm, 'base': str(vpath), 'preset': preset_for(zoo_manifest()['models'][vlm].get('model_type', vlm))}], reasoning_model=str(rpath), methods=list(methods),
         neuron_base=str(out/'neurons'), output_base=str(out/'merged'), corpus_path=str(zoo_data_path('llama3ds_math.tsv').parent),
         multimodal_file=str(out/'data'/'detect_geometry.parquet'), sample_size=sample_size, device=device, dtype='auto',
         batch_size=8, evaluate=dict(task='multimodal', data=evals, limit=limit, max_new_tokens=12, batch_size=batch_size)), env={})
@@ -316,10 +316,11 @@ def demo_cli(argv:list|None=None # command-line arguments (after `vlm-merge demo
     p.add_argument('--out', default='./vlm_merge_demo'); p.add_argument('--overwrite', action='store_true')
     p.add_argument('--methods', default='lora,mean', help='comma-separated subset of ' + ','.join(MERGE_RULES))
     p.add_argument('--sample_size', type=int, default=32); p.add_argument('--limit', type=int, default=100)
+    p.add_argument('--vlm', default='vlm-2', help="zoo VLM to merge into: 'vlm-2' (Idefics3) or 'vlm-llava'")
     p.add_argument('--device', default='cpu'); p.add_argument('--quiet', action='store_true')
     a = p.parse_args(argv)
     try:
-        df = demo(a.out, a.overwrite, methods=tuple(a.methods.split(',')), sample_size=a.sample_size, limit=a.limit,
+        df = demo(a.out, a.overwrite, vlm=a.vlm, methods=tuple(a.methods.split(',')), sample_size=a.sample_size, limit=a.limit,
                   device=a.device, quiet=a.quiet)
     except FileExistsError as e:
         print(f'vlm-merge demo: {e}'); return 2

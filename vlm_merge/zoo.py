@@ -143,10 +143,10 @@ def llava_parts(tok,              # the zoo tokenizer
 def idefics3_parts(tok,              # the zoo tokenizer
                    text_config,      # LlamaConfig of the language model
                    image_size:int=64,# input side in pixels
-                   patch:int=8,      # vision patch size
+                   patch:int=4,      # vision patch size
                    vhidden:int=64,   # vision hidden size
                    vlayers:int=2,    # vision layers
-                   scale:int=2,      # pixel-shuffle factor: (image_size/patch)^2/scale^2 image tokens
+                   scale:int=4,      # pixel-shuffle factor: (image_size/patch)^2/scale^2 image tokens
                   ):
     "A tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama LM): (Idefics3Config, Idefics3Processor)."
     from transformers import Idefics3Config, Idefics3VisionConfig, Idefics3Processor, Idefics3ImageProcessor
@@ -283,7 +283,7 @@ def greedy_generate(model,              # a loaded model
 
 # %% ../nbs/03_zoo.ipynb #f3880463
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 2000, 'vlm-2': 2200, 'wide-lm': 500}
+ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1600, 'vlm-2': 1800, 'wide-lm': 500}
 VISION_LR = 3e-3   # peak learning rate of the VLMs' vision tower and projector (the language model: 2e-3)
 
 

@@ -67,5 +67,5 @@ def test_demo_end_to_end(zoo, tmp_path, monkeypatch, capsys):
     assert (out/'overlap_heatmap.png').exists() and (out/'merged'/'vlm-llava_lora'/'config.json').exists()
     assert demo_cli(['--out', str(out), '--limit', '4', '--quiet', '--vlm', 'vlm-llava']) == 2   # refuses a non-empty folder
     (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'x').write_text('keep')
-    assert demo_cli(['--out', str(tmp_path/'mine'), '--overwrite', '--quiet']) == 2   # not a demo folder: untouched
+    assert demo_cli(['--out', str(tmp_path/'mine'), '--overwrite', '--quiet', '--vlm', 'vlm-llava']) == 2   # not a demo folder: untouched
     assert (tmp_path/'mine'/'x').read_text() == 'keep'

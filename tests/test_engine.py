@@ -471,6 +471,9 @@ def test_use_sparsegpt_matches_merge_tensors_with_importance(sg_llamas, tmp_path
     card = (tmp_path / 'out2' / 'README.md').read_text()
     assert card.count('read from the cache') == n_models and '## SparseGPT importance' in card and 'sparsegpt' in card.split('---')[1]
     assert '21 merged linear weights of the decoder layers were ranked by importance' in card   # 3 layers x 7
+    # one H^-1 per distinct input (q/k/v, o, gate/up, down: 4 a layer) and Hessian owner; 21 weights x 2 models scored
+    n_fact = 3 * 4 * n_models
+    assert f'Inverse-Hessian diagonals: {n_fact} factorised, {42 - n_fact} reused' in card, card
     rb, r1, r2 = CheckpointReader(base), CheckpointReader(ft1), CheckpointReader(ft2)
     H = {f: _direct_hessians(f, SG_TEXTS[:5], 12) for f in ((base,) if hessian == 'base' else (ft1, ft2))}
     n_diff = 0

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .anatomy import canonical_key, get_family, head_geometry, parse_key, UnknownFamilyError
 from .checkpoints import CheckpointReader, ShardedWriter, parse_size, resolve_model_path
 from .methods import MERGE_METHODS, merge_tensors, LoraAdapter, is_lora_adapter
-from .sparsegpt import hessians, sparsegpt_importance
+from .sparsegpt import hessians, sparsegpt_importance, hinv_diagonal
 
 # %% auto #0
 __all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'CHUNK_ELEMENTS', 'MergeConfigError', 'MergeRefused', 'to_dtype',
@@ -321,6 +321,7 @@ class MergePlan:
     hessians: dict = field(default_factory=dict)        # model ref -> Hessians (`use_sparsegpt`), set by `input_hessians`
     hessian_passes: dict = field(default_factory=dict)  # model ref -> forward passes run for them (0: read from the cache)
     stats: Counter = field(default_factory=Counter)     # merged tensors ranked by 'sparsegpt' importance / by 'magnitude'
+    hinv: dict = field(default_factory=dict)            # id(H) -> (H, damp, diag of H^-1): one factorisation per distinct Hessian
 
     def counts(self) -> dict:
         "How many tensors are copied and merged."
@@ -807,7 +808,8 @@ def merge_item(plan:MergePlan, # the plan
     imp = None
     if Hs is not None:   # each model's task vector scored with its Hessian (see `input_hessians`)
         sp = cfg.sparsegpt_for()
-        imp = [sparsegpt_importance(x.float() - base.float(), H, damp=float(sp['damp']), kind=sp['kind']) for x, H in zip(xs, Hs)]
+        imp = [sparsegpt_importance(x.float() - base.float(), H, damp=float(sp['damp']), kind=sp['kind'],
+                                    hinv=None if sp['kind'] == 'diag' else _hinv(plan, H, float(sp['damp']), x.device)) for x, H in zip(xs, Hs)]
     # merge_tensors passes identical inputs through bit for bit, checks NaN/Inf and computes in float32
     try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key), importance=imp).to(dt)
     except (ValueError, TypeError) as e: raise MergeRefused(f'{it.out_key}: {e}') from None
@@ -830,6 +832,8 @@ def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
         st = plan.stats
         out += ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} other '
                 'merged tensors (norms, biases, embeddings, lm_head, vision tower: no Hessian) by magnitude.']
+        if st['hinv_factorised']:
+            out += ['', f"Inverse-Hessian diagonals: {st['hinv_factorised']} factorised, {st['hinv_reused']} reused (weights that read the same input share one)."]
         if plan.hessian_passes:
             out += ['', 'Hessians: ' + '; '.join(f'`{r}` ' + ('read from the cache' if n == 0 else f'computed ({n} forward passes)')
                                                for r, n in plan.hessian_passes.items()) + '.']
@@ -1053,6 +1057,14 @@ def _hessian_for(store, key:str):
     if mod in store: return store[mod]
     m = re.search(r'(?:^|\.)layers\.(\d+\..*)$', mod)
     return next((store[n] for n in store if m and n.endswith('layers.' + m.group(1))), None)
+
+def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
+    "`hinv_diagonal(H)`, factorised once per distinct Hessian object (q/k/v and gate/up share one; `hessian: base` shares one across models)."
+    hit = plan.hinv.get(id(H))
+    if hit is not None and hit[0] is H and hit[1] == damp: plan.stats['hinv_reused'] += 1; return hit[2]
+    if len(plan.hinv) >= 16: plan.hinv.pop(next(iter(plan.hinv)))   # the Hessians of one layer or two are live at a time
+    d = hinv_diagonal(H, damp, device); plan.hinv[id(H)] = (H, damp, d); plan.stats['hinv_factorised'] += 1   # keeps H alive: its id stays unique
+    return d
 
 def _item_hessians(plan:MergePlan, it:PlanItem) -> list|None:
     "The Hessian scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."

@@ -13,21 +13,16 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['sparsegpt_importance', 'decoder_layers', 'HessianStore', 'hessians', 'tiny_llama', 'word_tokenizer']
+__all__ = ['hinv_diagonal', 'sparsegpt_importance', 'decoder_layers', 'HessianStore', 'hessians', 'tiny_llama', 'word_tokenizer']
 
 # %% ../nbs/08_sparsegpt.ipynb #86681320
-def sparsegpt_importance(W:torch.Tensor,     # weight or task vector [out, in] of an nn.Linear
-                         H:torch.Tensor,     # Hessian X^T X of the layer's input [in, in]
-                         damp:float=0.01,    # damping, a fraction of the mean diagonal of H
-                         kind:str='sparsegpt', # 'sparsegpt': w^2/[H^-1]_qq^2;  'obs': w^2/[H^-1]_qq;  'diag': w^2 H_qq
-                        ) -> torch.Tensor:
-    "Importance of every entry of `W` from the layer Hessian `H` (float32, shape of `W`)."
-    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or W.shape[1] != H.shape[0]:
-        raise ValueError(f"sparsegpt_importance: W {tuple(W.shape)} and H {tuple(H.shape)} do not match (W is [out, in], H is [in, in])")
-    if kind not in ('sparsegpt', 'obs', 'diag'): raise ValueError(f"kind must be 'sparsegpt', 'obs' or 'diag', got {kind!r}")
-    if kind == 'diag':   # cost of dropping an entry with no compensation by the rest of the row
-        return W.float() ** 2 * torch.diagonal(H).to(W.device, torch.float32)[None, :]
-    H = H.to(W.device, torch.float32).clone()
+def hinv_diagonal(H:torch.Tensor,       # Hessian X^T X of a layer's input [in, in]
+                  damp:float=0.01,      # damping, a fraction of the mean diagonal of H
+                  device=None,          # where to factorise (default: H's device)
+                 ) -> torch.Tensor:
+    "diag([H + damp * mean(diag H) I]^-1), float32, by Cholesky; +inf for dead inputs (H_qq = 0), so their importance is 0."
+    if H.dim() != 2 or H.shape[0] != H.shape[1]: raise ValueError(f"hinv_diagonal: H {tuple(H.shape)} is not square")
+    H = H.to(device or H.device, torch.float32).clone()
     diag = torch.diagonal(H)
     dead = diag == 0
     diag[dead] = 1.0
@@ -39,11 +34,25 @@ def sparsegpt_importance(W:torch.Tensor,     # weight or task vector [out, in] o
         if int(info) == 0: break
     else:
         raise ValueError(f"sparsegpt_importance: H {tuple(H.shape)} is not positive definite even with damping {damp * 1e5}")
-    hinv = torch.diagonal(torch.cholesky_inverse(L))
+    hinv = torch.diagonal(torch.cholesky_inverse(L)).clone()
+    hinv[dead] = float('inf')
+    return hinv
+
+def sparsegpt_importance(W:torch.Tensor,     # weight or task vector [out, in] of an nn.Linear
+                         H:torch.Tensor,     # Hessian X^T X of the layer's input [in, in]
+                         damp:float=0.01,    # damping, a fraction of the mean diagonal of H
+                         kind:str='sparsegpt', # 'sparsegpt': w^2/[H^-1]_qq^2;  'obs': w^2/[H^-1]_qq;  'diag': w^2 H_qq
+                         hinv:torch.Tensor|None=None, # `hinv_diagonal(H, damp)` when already computed (q, k, v share one H)
+                        ) -> torch.Tensor:
+    "Importance of every entry of `W` from the layer Hessian `H` (float32, shape of `W`)."
+    if W.dim() != 2 or H.dim() != 2 or H.shape[0] != H.shape[1] or W.shape[1] != H.shape[0]:
+        raise ValueError(f"sparsegpt_importance: W {tuple(W.shape)} and H {tuple(H.shape)} do not match (W is [out, in], H is [in, in])")
+    if kind not in ('sparsegpt', 'obs', 'diag'): raise ValueError(f"kind must be 'sparsegpt', 'obs' or 'diag', got {kind!r}")
+    if kind == 'diag':   # cost of dropping an entry with no compensation by the rest of the row
+        return W.float() ** 2 * torch.diagonal(H).to(W.device, torch.float32)[None, :]
+    hinv = hinv_diagonal(H, damp, W.device) if hinv is None else hinv.to(W.device, torch.float32)
     w2 = W.float() ** 2
-    imp = w2 / (hinv ** 2 if kind == 'sparsegpt' else hinv)
-    imp[:, dead] = 0.0
-    return imp
+    return w2 / (hinv ** 2 if kind == 'sparsegpt' else hinv)
 
 # %% ../nbs/08_sparsegpt.ipynb #75679ff0
 def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:

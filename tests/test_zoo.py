@@ -77,12 +77,13 @@ def test_reason_lm_accuracy_reproduced():
     ref = MAN['models']['reason-lm']['accuracy']['gsm']['accuracy']
     assert s['n'] == n and _close(s['accuracy'], ref, n), (s['accuracy'], ref)
 
-def test_vlm_llava_accuracy_reproduced():
+@pytest.mark.parametrize('name', ['vlm-llava', 'vlm-2'])
+def test_vlm_accuracy_reproduced(name):
     from vlm_merge.inference import evaluate
     n = 60
-    _, s = evaluate(str(zoo_path('vlm-llava')), 'multimodal', str(zoo_data_path('geometry_perception.parquet')), batch_size=30,
+    _, s = evaluate(str(zoo_path(name)), 'multimodal', str(zoo_data_path('geometry_perception.parquet')), batch_size=30,
                     max_new_tokens=8, limit=n, progress=False)
-    ref = MAN['models']['vlm-llava']['accuracy']['perception']['accuracy']
+    ref = MAN['models'][name]['accuracy']['perception']['accuracy']
     assert _close(s['accuracy'], ref, n), (s['accuracy'], ref)
 
 def test_specialist_beats_others_on_own_task():

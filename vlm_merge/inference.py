@@ -160,8 +160,7 @@ _GREEDY_PLAIN = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_rep
 def plain_greedy(model) -> bool:
     "Whether `model.generate`'s greedy decoding is a plain argmax: no logits processor set in its generation config."
     gc = getattr(model, 'generation_config', None)
-    return gc is None or all(getattr(gc, k, d) in (d, None) or (k == 'encoder_repetition_penalty' and getattr(gc, k) == 1.0)
-                             for k, d in _GREEDY_PLAIN.items())
+    return gc is None or all(getattr(gc, k, d) in (d, None) for k, d in _GREEDY_PLAIN.items())
 
 @torch.inference_mode()
 def greedy_decode(model,                      # a causal LM whose forward takes a KV cache and `position_ids`

@@ -33,7 +33,7 @@ def hinv_diagonal(H:torch.Tensor,       # Hessian X^T X of a layer's input [in, 
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0: break
     else:
-        raise ValueError(f"sparsegpt_importance: H {tuple(H.shape)} is not positive definite even with damping {damp * 1e5}")
+        raise ValueError(f"hinv_diagonal: H {tuple(H.shape)} is not positive definite even with damping {damp * 1e5}")
     hinv = torch.diagonal(torch.cholesky_inverse(L)).clone()
     hinv[dead] = float('inf')
     return hinv

@@ -201,6 +201,7 @@ def _generate(self:Inferencer,
               temperature:float=0.0,        # sampling temperature (ignored when greedy)
               seed:int|None=None,           # seeds sampling
               progress:bool=True,           # show a tqdm bar
+              fast_greedy:bool=True,        # text models' plain greedy decoding through `greedy_decode` (False: transformers' `generate`)
              ) -> list[str]:
     "Generated text for every prompt, in the order given."
     if images is not None and len(images) != len(prompts):
@@ -215,7 +216,7 @@ def _generate(self:Inferencer,
     gen = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, do_sample=do_sample)
     if do_sample: gen.update(temperature=temperature if temperature and temperature > 0 else 1.0)
     else: gen.update(temperature=None, top_p=None, top_k=None)
-    shrink = not do_sample and self.backend_name == 'llama3' and plain_greedy(self.model)   # text models: `greedy_decode`
+    shrink = fast_greedy and not do_sample and self.backend_name == 'llama3' and plain_greedy(self.model)   # text models: `greedy_decode`
     out = [None] * len(texts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc='generate', disable=not progress):

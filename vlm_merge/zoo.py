@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'VISION_LR',
-           'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts',
-           'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model',
-           'greedy_generate', 'vision_answer', 'reading_answer', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
-           'zoo_data_path', 'zoo_tokenizer', 'zoo_cli']
+           'VLM_LM_LR', 'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config',
+           'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate',
+           'train_model', 'greedy_generate', 'vision_answer', 'reading_answer', 'LabelProbe', 'label_targets',
+           'tower_features', 'pretrain_tower', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path', 'zoo_data_path',
+           'zoo_tokenizer', 'zoo_cli']
 
 # %% ../nbs/03_zoo.ipynb #b7dd42d7
 ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2', 'wide-lm')
@@ -218,6 +219,11 @@ def collate(exs:list[dict], # encoded examples
     return b
 
 # %% ../nbs/03_zoo.ipynb #0c4e2d9c
+def _warmup_cosine(opt, steps:int, warmup:int, min_lr_frac:float):
+    "Linear warmup over `warmup` steps, then cosine decay to `min_lr_frac` of the peak at `steps`."
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
+                                             (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
 def train_model(model,               # any transformers model that returns `.loss` from labels
                 examples:list[dict],  # encoded examples (`encode_example`)
                 pad_id:int,           # padding token id
@@ -229,19 +235,19 @@ def train_model(model,               # any transformers model that returns `.los
                 min_lr_frac:float=0.1,# final learning rate as a fraction of `lr`
                 desc:str='train',     # progress bar label
                 log_every:int=50,     # steps between loss reports on the bar
-                lr_groups:dict|None=None, # {name substring: peak lr}: parameters whose name contains a key train at that lr
+                lr_groups:dict|None=None, # {name substring: peak lr}: parameters whose name contains a key train at that lr (frozen ones stay frozen)
                ) -> dict:
     "AdamW with linear warmup and cosine decay over `steps` random batches of `examples`; returns losses and time."
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     groups = {k: [] for k in (lr_groups or {})}; rest = []
     for n, p in model.named_parameters():
+        if not p.requires_grad: continue   # frozen (vlm-llava's pretrained tower)
         k = next((k for k in groups if k in n), None)
         (groups[k] if k is not None else rest).append(p)
     if lr_groups and not all(groups.values()): raise ValueError(f'{desc}: lr_groups keys match no parameter: {[k for k, v in groups.items() if not v]}')
     opt = torch.optim.AdamW([{'params': rest, 'lr': lr}] + [{'params': v, 'lr': lr_groups[k]} for k, v in groups.items()],
                             betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
-                                              (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    sched = _warmup_cosine(opt, steps, warmup, min_lr_frac)
     model.train(); t0 = time.time(); losses = []
     bar = tqdm(range(steps), desc=desc, mininterval=10, disable=not sys.stdout.isatty())
     for s in bar:
@@ -270,21 +276,27 @@ def greedy_generate(model,              # a loaded model
                     batch_size:int=32,  # prompts per generate call
                    ) -> list[str]:
     "Greedy completions of raw user-turn `prompts` (chat template applied here; an image each when `images`)."
+    from vlm_merge.inference import greedy_decode, plain_greedy
     model.eval(); outs = []
     for i in range(0, len(prompts), batch_size):
         ps = prompts[i:i + batch_size]
         texts = [chat_prompt(tok, p, image=images is not None) for p in ps]
         if images is not None: enc = proc(text=texts, images=[[im] if proc.__class__.__name__.startswith('Idefics') else im for im in images[i:i + batch_size]], return_tensors='pt', padding=True)
         else: enc = tok(texts, return_tensors='pt', padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        outs += tok.batch_decode(out[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
+        if images is None and plain_greedy(model):   # the decoder `Inferencer` uses for text: same tokens, finished rows leave
+            new = greedy_decode(model, enc['input_ids'], enc['attention_mask'], max_new_tokens, tok.eos_token_id)
+        else:
+            new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)[:, enc['input_ids'].shape[1]:]
+        outs += tok.batch_decode(new, skip_special_tokens=True)
     return outs
 
 # %% ../nbs/03_zoo.ipynb #f3880463
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1600, 'vlm-2': 1800, 'wide-lm': 500}
-VISION_LR = 3e-3   # peak learning rate of the VLMs' vision tower and projector (the language model: 2e-3)
+ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1600, 'vlm-llava-tower': 1500, 'vlm-2': 1800, 'wide-lm': 500}
+VISION_LR = 3e-3   # peak learning rate of the VLMs' vision tower and projector
+VLM_LM_LR = {'llava': 1e-3, 'idefics3': 2e-3}   # peak learning rate of the VLMs' language model
+# 'vlm-llava-tower': steps of stage 0, where vlm-llava's CLIP tower learns to read the labels before the model trains end to end
 
 
 def _dedupe(test:pd.DataFrame, train:pd.DataFrame, cols:list[str]) -> pd.DataFrame:
@@ -384,6 +396,93 @@ def _write_data(tables:dict, folder:Path) -> dict:
         info[fn] = {'path': f'data/{fn}', 'rows': len(df), 'columns': list(df.columns)}
     return info
 
+# %% ../nbs/03_zoo.ipynb #c506975a
+class LabelProbe(torch.nn.Module):
+    "Stage 0's probe: one learnt query per label name attends over a tower's patch features; a linear layer names the value."
+    def __init__(self, dim:int,      # feature size of the tower
+                 n_values:int,       # values are classified as 0 .. n_values-1
+                 n_keys:int=len(_LABEL_KEYS), # label names (`_LABEL_KEYS`)
+                ):
+        super().__init__()
+        self.q = torch.nn.Parameter(torch.randn(n_keys, dim) * dim ** -0.5)
+        self.k, self.out = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, n_values)
+    def forward(self, h): # (batch, patches, dim) features -> (batch, keys, values) logits
+        a = torch.einsum('kd,bnd->bkn', self.q, self.k(h)).softmax(-1)
+        return self.out(torch.einsum('bkn,bnd->bkd', a, h))
+
+def label_targets(figures:list[str], # `figure` JSON of each row
+                 ) -> torch.Tensor:
+    "(figures, label names) values of each figure's labels, in `_LABEL_KEYS` order; -100 where a figure has no such label."
+    t = torch.full((len(figures), len(_LABEL_KEYS)), -100, dtype=torch.long)
+    for i, f in enumerate(figures):
+        f = json.loads(f)
+        for j, k in enumerate(_LABEL_KEYS):
+            if k in f: t[i, j] = int(f[k])
+    return t
+
+def tower_features(tower,              # a vision tower that returns hidden states (CLIPVisionModel)
+                   pixel_values,       # (batch, 3, H, W) processed images
+                   layer:int=-1,       # hidden state to take (LLaVA's `vision_feature_layer`)
+                   drop_cls:bool=True, # drop the CLS token (LLaVA's 'default' feature strategy)
+                  ) -> torch.Tensor:
+    "The patch features LLaVA's projector sees."
+    h = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+    return h[:, 1:] if drop_cls else h
+
+# %% ../nbs/03_zoo.ipynb #03e2a764
+def pretrain_tower(tower,                 # LLaVA's vision tower (trained in place)
+                   pixel_values,          # (n, 3, H, W) processed training figures
+                   figures:list[str],     # their `figure` JSON
+                   steps:int=1500,        # optimiser steps
+                   batch_size:int=64,     # figures per step (sampled with replacement)
+                   lr:float=3e-3,         # peak learning rate (warmup and cosine decay as in `train_model`)
+                   seed:int=0,            # seeds the probe's initialisation and the batch order
+                   layer:int=-1,          # hidden state the projector reads (`vision_feature_layer`)
+                   drop_cls:bool=True,    # LLaVA's 'default' feature strategy drops the CLS token
+                   eval_pixels=None,      # held-out figures, processed, to measure reading on
+                   eval_figures:list[str]|None=None, # their `figure` JSON
+                   desc:str='tower',      # progress label
+                  ) -> dict:
+    "Stage 0: train `tower` under a `LabelProbe` to name every label's value; returns losses, time and reading accuracy."
+    if len(pixel_values) != len(figures): raise ValueError(f'{desc}: {len(pixel_values)} images but {len(figures)} figures')
+    y = label_targets(figures)
+    if not (y != -100).any(): raise ValueError(f'{desc}: no figure has a label to read (label names: {_LABEL_KEYS})')
+    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
+    feats = lambda x: tower_features(tower, x, layer, drop_cls)
+    probe = LabelProbe(tower.config.hidden_size, int(y.max()) + 1)
+    params = list(tower.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0); sched = _warmup_cosine(opt, steps, 30, 0.1)
+    def accuracy(px, yy):
+        with torch.no_grad(): pred = torch.cat([probe(feats(px[i:i + 256])).argmax(-1) for i in range(0, len(px), 256)])
+        m = yy != -100
+        return round(float(((pred == yy) & m).sum() / m.sum()), 4)
+    tower.train(); t0 = time.time(); losses = []
+    for s in tqdm(range(steps), desc=desc, mininterval=10, disable=not sys.stdout.isatty()):
+        idx = torch.randint(len(y), (batch_size,), generator=g)
+        logits = probe(feats(pixel_values[idx]))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), ignore_index=-100)
+        if not torch.isfinite(loss): raise FloatingPointError(f'{desc}: loss is {loss.item()} at step {s}')
+        loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (s + 1) % 250 == 0 and not sys.stdout.isatty(): print(f'[{desc}] step {s + 1}/{steps} loss {np.mean(losses[-50:]):.3f} {time.time() - t0:.0f}s', flush=True)
+    tower.eval()
+    out = {'steps': steps, 'batch_size': batch_size, 'lr': lr, 'seconds': round(time.time() - t0, 1),
+           'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4),
+           'read_train': accuracy(pixel_values, y)}
+    if eval_pixels is not None: out['read_test'] = accuracy(eval_pixels, label_targets(eval_figures))
+    return out
+
+def _pretrain_llava_tower(model, proc, root:Path, seed:int, job:dict) -> dict:
+    "Stage 0 for a zoo LLaVA: the training figures of `_train_examples`, and the held-out perception figures to measure on."
+    from vlm_merge.data import make_geometry, to_pil
+    px = lambda df: proc.image_processor([to_pil(i[0]) for i in df.images], return_tensors='pt')['pixel_values']
+    tr = make_geometry({**ZOO_SIZES, **job['sizes']}['train_geo'], seed=seed + 4, kind='perception')
+    te = pd.read_parquet(root / 'data' / 'geometry_perception.parquet')
+    c = model.config
+    return pretrain_tower(model.model.vision_tower, px(tr), list(tr.figure), steps=job['tower_steps'], seed=seed,
+                          layer=c.vision_feature_layer, drop_cls=c.vision_feature_select_strategy == 'default',
+                          eval_pixels=px(te), eval_figures=list(te.figure), desc=f"{job['name']} tower")
+
 # %% ../nbs/03_zoo.ipynb #51a13f46
 def _job(job:dict) -> dict:
     "Train one zoo model in its own process (1 thread, fixed seeds), save it, and measure it. Returns its manifest entry."
@@ -391,7 +490,7 @@ def _job(job:dict) -> dict:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, AutoModelForCausalLM
     root, name, seed, kind = Path(job['root']), job['name'], job['seed'], job['kind']
     tok = PreTrainedTokenizerFast.from_pretrained(root / 'tokenizer')
-    torch.manual_seed(seed); proc = None
+    torch.manual_seed(seed); proc = tower_stats = None
     if kind == 'base':
         model = LlamaForCausalLM(lm_config(tok)); exs = _train_examples('generic', tok, seed, sizes=job['sizes']); lr = 3e-3; src = 'random init'
     elif kind == 'wide':
@@ -407,17 +506,22 @@ def _job(job:dict) -> dict:
         from transformers import LlavaForConditionalGeneration, Idefics3ForConditionalGeneration
         cls = LlavaForConditionalGeneration if kind == 'llava' else Idefics3ForConditionalGeneration
         model = cls(cfg); init_language_model(model, base); del base
-        exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes']); lr = 2e-3; src = 'base-lm (language model); vision random init'
-        names = [n for n, _ in model.named_parameters()]   # the random tower and projector learn faster than the LM
+        exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes']); lr = VLM_LM_LR[kind]; src = 'base-lm (language model); vision random init'
+        if kind == 'llava' and job.get('tower_steps'):   # stage 0: the CLIP tower learns to read the labels on its own, then stays frozen (as in LLaVA-1.5)
+            tower_stats = _pretrain_llava_tower(model, proc, root, seed, job); model.model.vision_tower.requires_grad_(False)
+            src = 'base-lm (language model); vision tower pretrained here to read labels (stage 0), then frozen'
+        names = [n for n, p in model.named_parameters() if p.requires_grad]   # a random tower and the projector learn faster than the LM
         groups = {k: VISION_LR for k in ('vision', 'projector', 'connector') if any(k in n for n in names)}
     stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=lr, seed=seed, desc=name,
                         lr_groups=groups if proc is not None else None)
     out = root / name
     model.generation_config.update(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, max_new_tokens=64)
+    if hasattr(model.config, 'text_config'): model.config.text_config._name_or_path = ''   # not the build's temporary folder
     model.save_pretrained(out); tok.save_pretrained(out)
     if proc is not None: proc.save_pretrained(out)
     stats.update(train_wall_s=round(time.time() - t0, 1), train_cpu_s=round(time.process_time() - c0, 1), n_train=len(exs))
+    if tower_stats: stats['tower'] = tower_stats
     acc = {}
     for task, fn, n in job['evals']:
         df = (pd.read_parquet(root / 'data' / fn) if fn.endswith('.parquet') else pd.read_csv(root / 'data' / fn, sep='\t', dtype=str)).head(n)
@@ -435,7 +539,8 @@ def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
     Z = {**ZOO_SIZES, **(sizes or {})}; specs = [(s, _spec_file(s), Z['cross']) for s in SPEC_TASKS]
     geo = [('multimodal', 'geometry_perception.parquet', Z['test']), ('multimodal', 'geometry_reasoning.parquet', Z['test'])]
     J = lambda name, kind, evals: dict(root=str(root), name=name, kind=kind, seed=seed, evals=evals, sizes=Z,
-                                       steps=steps.get(name, steps['spec']) if kind == 'spec' else steps[name])
+                                       steps=steps.get(name, steps['spec']) if kind == 'spec' else steps[name],
+                                       tower_steps=steps.get(f'{name}-tower', 0))
     out = [J('wide-lm', 'wide', [('gsm', 'mgsm_en.tsv', Z['test'])]),
            J('base-lm', 'base', [('gsm', 'mgsm_en.tsv', Z['cross'])] + specs),
            # base-lm's fine-tunes, longest first so that two workers finish together

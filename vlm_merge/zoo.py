@@ -347,41 +347,45 @@ def reading_answer(figure:str, # the row's `figure` JSON
 
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 
+def _train_table(kind:str, seed:int, Z:dict) -> pd.DataFrame:
+    "The training table of data kind 'gsm', a specialist task or 'perception': its size and seed in one place, for training, the test sets' deduplication and stage 0."
+    from vlm_merge.data import make_gsm, make_geometry
+    if kind == 'gsm': return make_gsm(Z['train_gsm'], seed=seed + 2, **ZOO_GSM)
+    if kind in SPEC_TASKS: return spec_data(kind, Z['train_spec'], seed=seed + 3)
+    if kind == 'perception': return make_geometry(Z['train_geo'], seed=seed + 4, kind='perception')
+    raise ValueError(f'unknown training data kind {kind!r}')
+
 def _train_examples(kind:str, tok, seed:int, proc=None, sizes:dict|None=None) -> list[dict]:
     "Training examples (encoded) for a job kind; data drawn from seeds disjoint from the test seeds."
-    from vlm_merge.data import make_gsm, make_geometry, gsm_prompt, geometry_prompt, to_pil
+    from vlm_merge.data import gsm_prompt, geometry_prompt, to_pil
     Z = {**ZOO_SIZES, **(sizes or {})}
     if kind == 'generic':
         return [encode_example(tok, g['prompt'], g['answer']) for g in generic_corpus(Z['train_generic'], seed=seed + 1)]
+    df = _train_table(kind, seed, Z)   # raises on an unknown kind
     if kind == 'gsm':
-        df = make_gsm(Z['train_gsm'], seed=seed + 2, **ZOO_GSM)
         return [encode_example(tok, gsm_prompt(q), a) for q, a in zip(df.question, df.answer)]
     if kind in SPEC_TASKS:
-        df = spec_data(kind, Z['train_spec'], seed=seed + 3)
         return [encode_example(tok, p, a) for p, a in zip(df.prompt, df.answer)]
-    if kind == 'perception':
-        df = make_geometry(Z['train_geo'], seed=seed + 4, kind='perception')
-        nested = proc.__class__.__name__.startswith('Idefics'); img = lambda x: [to_pil(x)] if nested else to_pil(x)
-        qa = [encode_example(tok, geometry_prompt(p, list(c)), vision_answer(a, f), proc=proc, image=img(im[0]))
-              for p, c, a, im, f in zip(df.problem, df.choices, df.answer, df.images, df.figure)]
-        # the same figures with every label to read: dense supervision that teaches the tower to read digits
-        return qa + [encode_example(tok, READ_PROMPT, reading_answer(f), proc=proc, image=img(im[0])) for im, f in zip(df.images, df.figure)]
-    raise ValueError(f'unknown training data kind {kind!r}')
+    nested = proc.__class__.__name__.startswith('Idefics'); img = lambda x: [to_pil(x)] if nested else to_pil(x)   # 'perception'
+    qa = [encode_example(tok, geometry_prompt(p, list(c)), vision_answer(a, f), proc=proc, image=img(im[0]))
+          for p, c, a, im, f in zip(df.problem, df.choices, df.answer, df.images, df.figure)]
+    # the same figures with every label to read: dense supervision that teaches the tower to read digits
+    return qa + [encode_example(tok, READ_PROMPT, reading_answer(f), proc=proc, image=img(im[0])) for im, f in zip(df.images, df.figure)]
 
 def _test_sets(seed:int, sizes:dict|None=None) -> dict:
     "Held-out test tables (train duplicates removed) and the detection corpus, keyed by file name."
     from vlm_merge.data import make_gsm, make_geometry
     Z = {**ZOO_SIZES, **(sizes or {})}
-    gtrain = make_gsm(Z['train_gsm'], seed=seed + 2, **ZOO_GSM)
+    gtrain = _train_table('gsm', seed, Z)
     out = {'mgsm_en.tsv': _dedupe(make_gsm(Z['test'] * 2, seed=seed + 1002, **ZOO_GSM), gtrain, ['question']).head(Z['test']),
            'llama3ds_math.tsv': make_gsm(Z['corpus'], seed=seed + 2002, **ZOO_GSM)}
     for kind in ('perception', 'reasoning'):
-        tr = make_geometry(Z['train_geo'], seed=seed + 4, kind='perception') if kind == 'perception' else None
+        tr = _train_table('perception', seed, Z) if kind == 'perception' else None
         te = make_geometry(Z['test'] * 2, seed=seed + 1004 + (kind == 'reasoning'), kind=kind)
         if tr is not None: te = _dedupe(te, tr, ['problem', 'figure', 'answer'])
         out[f'geometry_{kind}.parquet'] = te.head(Z['test']).reset_index(drop=True)
     for name in SPEC_TASKS:
-        out[_spec_file(name)] = _dedupe(spec_data(name, Z['test'] * 2, seed=seed + 1003), spec_data(name, Z['train_spec'], seed=seed + 3),
+        out[_spec_file(name)] = _dedupe(spec_data(name, Z['test'] * 2, seed=seed + 1003), _train_table(name, seed, Z),
                                         ['prompt']).head(Z['test'])
     return out
 
@@ -474,9 +478,9 @@ def pretrain_tower(tower,                 # LLaVA's vision tower (trained in pla
 
 def _pretrain_llava_tower(model, proc, root:Path, seed:int, job:dict) -> dict:
     "Stage 0 for a zoo LLaVA: the training figures of `_train_examples`, and the held-out perception figures to measure on."
-    from vlm_merge.data import make_geometry, to_pil
+    from vlm_merge.data import to_pil
     px = lambda df: proc.image_processor([to_pil(i[0]) for i in df.images], return_tensors='pt')['pixel_values']
-    tr = make_geometry({**ZOO_SIZES, **job['sizes']}['train_geo'], seed=seed + 4, kind='perception')
+    tr = _train_table('perception', seed, {**ZOO_SIZES, **job['sizes']})
     te = pd.read_parquet(root / 'data' / 'geometry_perception.parquet')
     c = model.config
     return pretrain_tower(model.model.vision_tower, px(tr), list(tr.figure), steps=job['tower_steps'], seed=seed,

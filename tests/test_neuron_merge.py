@@ -15,7 +15,7 @@ def models(tmp_path_factory):
 
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(['attn_q', 'attn_o', 'fwd_up', 'fwd_down']), st.lists(st.integers(0, 9), max_size=6, unique=True),
-       st.sampled_from(['mean', 'lora', 'pca']), st.integers(0, 1000))
+       st.sampled_from(['mean', 'lora', 'lora_rows', 'pca']), st.integers(0, 1000))
 def test_only_shared_neurons_change(group, idx, method, seed):
     g = torch.Generator().manual_seed(seed)
     Wb, Wa, WB = (torch.randn(10, 10, generator=g) for _ in range(3))
@@ -91,3 +91,39 @@ def test_fused_phi3(tmp_path):
             torch.testing.assert_close(rm.get(k)[g.q_dim + 2], (ra.get(k)[g.q_dim + 2] + rb.get(k)[g.q_dim + 2]) / 2)
         elif 'layers.1.mlp.gate_up_proj' in k: assert rows == [g.intermediate_size + 5]
         else: assert rows == [], k
+
+
+def test_lora_is_the_seeds_full_matrix_rule():
+    "Seed 000: `lora` is the rank-r delta of the FULL projection, applied to the shared neurons; `lora_rows` is the rows-only SVD."
+    from vlm_merge.neuron_merge import MERGE_RULES
+    g = torch.Generator().manual_seed(0)
+    Wb, WB = torch.randn(64, 48, generator=g), torch.randn(64, 48, generator=g)
+    S = list(range(8))
+    U, s, Vh = torch.linalg.svd(WB - Wb, full_matrices=False)
+    full4 = (U[:, :4] * s[:4]) @ Vh[:4]
+    seed = merge_weight(Wb, Wb, WB, 'fwd_up', S, method='lora', lora_rank=4, lora_beta=1.0)
+    torch.testing.assert_close(seed[S], Wb[S] + full4[S], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seed[8:], Wb[8:])
+    rows = merge_weight(Wb, Wb, WB, 'fwd_up', S, method='lora_rows', lora_rank=4, lora_beta=1.0)
+    assert ((seed - rows)[S].norm() / (seed - Wb)[S].norm()) > 0.5
+    # rank >= shared rows: lora_rows copies B, the seed's rule does not
+    torch.testing.assert_close(merge_weight(Wb, Wb, WB, 'fwd_up', S, method='lora_rows', lora_rank=8, lora_beta=1.0)[S], WB[S])
+    assert not torch.allclose(merge_weight(Wb, Wb, WB, 'fwd_up', S, method='lora', lora_rank=8, lora_beta=1.0)[S], WB[S], atol=1e-2)
+    assert 'lora_rows' in MERGE_RULES
+
+
+def test_lora_default_in_neuron_merge_is_full_matrix(models, tmp_path):
+    base, b = models/'llm', models/'llm2'
+    shared = {'fwd_up': {'0': [1, 4, 9]}, 'attn_o': {'1': [3, 5]}}
+    out = neuron_merge(base, base, b, shared, tmp_path/'m', lora_rank=2, lora_beta=1.0, progress=False)
+    rb, rB, rm = CheckpointReader(base), CheckpointReader(b), CheckpointReader(out)
+    k = next(k for k in rb.keys() if canonical_key(k) == 'layers.0.fwd_up.weight')
+    D = rB.get(k).float() - rb.get(k).float()
+    U, s, Vh = torch.linalg.svd(D, full_matrices=False)
+    want = rb.get(k).float()[[1, 4, 9]] + ((U[:, :2] * s[:2]) @ Vh[:2])[[1, 4, 9]]
+    torch.testing.assert_close(rm.get(k).float()[[1, 4, 9]], want, atol=1e-4, rtol=1e-4)
+    ko = next(k for k in rb.keys() if canonical_key(k) == 'layers.1.attn_o.weight')
+    Do = rB.get(ko).float() - rb.get(ko).float()
+    U, s, Vh = torch.linalg.svd(Do, full_matrices=False)
+    torch.testing.assert_close(rm.get(ko).float()[:, [3, 5]], rb.get(ko).float()[:, [3, 5]] + ((U[:, :2] * s[:2]) @ Vh[:2])[:, [3, 5]],
+                               atol=1e-4, rtol=1e-4)

@@ -69,3 +69,59 @@ def test_demo_end_to_end(zoo, tmp_path, monkeypatch, capsys):
     (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'x').write_text('keep')
     assert demo_cli(['--out', str(tmp_path/'mine'), '--overwrite', '--quiet', '--vlm', 'vlm-llava']) == 2   # not a demo folder: untouched
     assert (tmp_path/'mine'/'x').read_text() == 'keep'
+
+
+def test_skip_detect_reads_detect_cli_outputs_without_stamps(zoo, tmp_path, capsys):
+    "Issue 18 item 2: `vlm-merge detect` wrote JSONs and scores for both models; SKIP_DETECT goes on from them."
+    from vlm_merge.detect import detect_cli
+    cfg = _cfg(zoo, tmp_path)
+    for m, task, flag in (('vlm-llava', 'multimodal', ['--multimodal_file', cfg['multimodal_file']]),
+                          ('reason-lm', 'gsm', ['--corpus_path', cfg['corpus_path']])):
+        assert detect_cli(['--base', str(zoo/'models'/m), '--task', task, *flag, '--sample_size', '4', '--device', 'cpu',
+                           '--output_path', cfg['neuron_base']]) == 0
+    assert not list((tmp_path/'n').glob('*.stage.json'))
+    df = run_pipeline(PipelineConfig.from_dict({**cfg, 'skip_detect': True}, env={}), quiet=True)
+    assert [s.split(':')[0] for st, _, s in df.attrs['log'] if st == 'detect'] == ['skipped (SKIP_DETECT'] * 2
+    assert (tmp_path/'o'/'v_mean'/'config.json').exists()
+    # the seed's layout with only the neuron JSONs, then only compare_<name>/shared_VL_reasoning.json
+    for f in (tmp_path/'n').glob('*.scores.safetensors'): f.unlink()
+    df = run_pipeline(PipelineConfig.from_dict({**cfg, 'skip_detect': True, 'output_base': str(tmp_path/'o2')}, env={}), quiet=True)
+    assert all('.json, used as selected' in s for st, _, s in df.attrs['log'] if st == 'detect')
+    for f in (tmp_path/'n').glob('*.json'): f.unlink()
+    (tmp_path/'n'/'compare_v'/'shared_VL_reasoning.meta.json').unlink()     # the seed's layout has no sidecar
+    df = run_pipeline(PipelineConfig.from_dict({**cfg, 'skip_detect': True, 'output_base': str(tmp_path/'o3')}, env={}), quiet=True)
+    assert [s for st, _, s in df.attrs['log'] if st == 'shared'] == ['skipped (SKIP_DETECT: existing shared_VL_reasoning.json)']
+    assert json.loads((tmp_path/'o3'/'v_mean'/'neuron_merge.json').read_text())['selection'] is None   # unknown: not claimed
+
+
+def test_selection_option_recorded(zoo, tmp_path):
+    "Issue 18 item 4: `selection: mean|intersect`, written beside the shared JSON and into the merge's metadata."
+    cfg = {**_cfg(zoo, tmp_path), 'selection': 'intersect'}
+    run_pipeline(PipelineConfig.from_dict(cfg, env={}), quiet=True)
+    meta = json.loads((tmp_path/'n'/'compare_v'/'shared_VL_reasoning.meta.json').read_text())
+    assert meta['selection'] == 'intersect'
+    assert json.loads((tmp_path/'o'/'v_mean'/'neuron_merge.json').read_text())['selection'] == 'intersect'
+    from vlm_merge.detect import Detection, read_neuron_json
+    det = Detection.load(next((tmp_path/'n').glob('*_multimodal.scores.safetensors')))
+    assert det.sample_scores is not None
+    assert read_neuron_json(tmp_path/'n'/'compare_v'/'vl.json') == det.select(0.3, 0.3, mode='intersect')
+    with pytest.raises(ValueError, match='selection'):
+        PipelineConfig.from_dict({**cfg, 'selection': 'union'}, env={})
+
+
+def test_preset_match_on_family_and_size():
+    "Issue 18 item 5: family and size; a guess warns; the config can name the preset."
+    import warnings
+    from vlm_merge.pipeline import preset_for, PresetGuessWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert preset_for('Qwen/Qwen2.5-VL-3B-Instruct') == 'qwen-vl-3b'
+        assert preset_for('Qwen/Qwen2.5-VL-7B-Instruct') == 'qwen-vl-7b'
+        assert preset_for('llava-hf/llama3-llava-next-8b-hf') == 'llava-next'
+    for mid in ('Qwen/Qwen2-VL-72B-Instruct', 'OpenGVLab/InternVL2_5-8B', 'llava-hf/llava-1.5-7b-hf'):
+        with pytest.warns(PresetGuessWarning, match='a guess'): preset_for(mid)
+    with pytest.warns(PresetGuessWarning, match='72B'): assert preset_for('Qwen/Qwen2-VL-72B-Instruct') == 'qwen-vl-7b'
+    c = PipelineConfig.from_dict({'models': [{'base': 'OpenGVLab/InternVL2_5-8B'}], 'reasoning_model': 'r', 'preset': 'idefics3'}, env={})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert c.entry(c.models[0])['lora_rank'] == 4      # named: no guess, no warning

@@ -139,7 +139,7 @@ def top_neurons(scores:torch.Tensor, # [n_layers, n_neurons] scores of one group
 def intersect_neurons(sample_scores:torch.Tensor, # [n_samples, n_layers, n_neurons] per-sample scores of one group
                       ratio:float                  # fraction kept per sample and layer before intersecting
                      ) -> dict:
-    "The seed's rule: each sample's top `ratio`, intersected across samples."
+    "Each sample's top `ratio`, intersected across samples (`mode='intersect'`, one reading of the seed's ratios)."
     S, L, N = sample_scores.shape
     k = min(N, round(ratio * N))
     keep = torch.ones(L, N, dtype=torch.bool)

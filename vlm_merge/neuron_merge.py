@@ -103,7 +103,8 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
                  device:str='cpu',         # where the merge arithmetic runs ('cuda', 'auto')
                  shard_size:str='5GB',     # output shard size
                  overwrite:bool=False,     # replace a non-empty output_dir
-                 progress:bool=True        # tqdm bar
+                 progress:bool=True,       # tqdm bar
+                 meta:dict|None=None       # extra fields for the output's neuron_merge.json (the pipeline's selection rule)
                 ) -> Path:
     "Merge the shared neurons of A and B into the base, streaming; returns the output folder."
     if method not in MERGE_RULES: raise ValueError(f'method must be one of {MERGE_RULES}, got {method!r}')
@@ -152,7 +153,7 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
                 if isinstance(cfg.get('text_config'), dict): cfg['text_config'] = {**cfg['text_config'], 'dtype': tname}
                 w.write_json('config.json', cfg)
             w.write_json('neuron_merge.json', {'base': str(base), 'model_a': str(model_a), 'model_b': str(model_b),
-                         'neurons': str(neurons) if not isinstance(neurons, dict) else 'dict', **kw, **stats})
+                         'neurons': str(neurons) if not isinstance(neurons, dict) else 'dict', **kw, **stats, **(meta or {})})
     return Path(output_dir)
 
 # %% ../nbs/06_neuron_merge.ipynb #8dcaa588

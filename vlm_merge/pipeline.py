@@ -13,8 +13,8 @@ from .shared import shared_neurons, overlap_table, overlap_heatmap, group_sizes,
 from .neuron_merge import neuron_merge, MERGE_RULES
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEMO_MARKER', 'preset_for', 'PipelineConfig', 'stage_done', 'mark_done', 'run_pipeline', 'run_cli', 'demo',
-           'format_demo_table', 'demo_cli']
+__all__ = ['PRESETS', 'SELECTIONS', 'DEMO_MARKER', 'PresetGuessWarning', 'preset_for', 'PipelineConfig', 'stage_done',
+           'mark_done', 'run_pipeline', 'run_cli', 'demo', 'format_demo_table', 'demo_cli']
 
 # %% ../nbs/15_pipeline.ipynb #6445491f
 PRESETS = {
@@ -26,18 +26,51 @@ PRESETS = {
     'minicpm-v':   dict(lora_rank=4,  lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3),
 }
 
-def preset_for(model:str # a model id or folder, e.g. 'Qwen/Qwen2.5-VL-3B-Instruct'
-              ) -> str|None:
-    "Guess the preset name of a model from its id (None when no preset fits)."
+class PresetGuessWarning(UserWarning):
+    "The preset was guessed: the seed's table has no row for this model's family and size."
+
+def _model_family(model:str) -> tuple[str|None, float|None]:
+    "(family, size in billions) from a model id or folder (its config.json's model_type when it has one)."
+    import re
     m = str(model).lower().replace('_', '-')
-    if 'idefics3' in m: return 'idefics3'
-    if 'internvl' in m: return 'internvl-3b'
-    if 'llava' in m: return 'llava-next'
-    if 'qwen' in m and 'vl' in m: return 'qwen-vl-3b' if '3b' in m else 'qwen-vl-7b'
-    if 'minicpm' in m: return 'minicpm-v'
-    return None
+    cfgp = Path(str(model)).expanduser()/'config.json'
+    if cfgp.is_file():
+        try: m = json.loads(cfgp.read_text()).get('model_type', '').lower().replace('_', '-') + ' ' + m
+        except (ValueError, OSError): pass
+    size = re.search(r'(?<![\d.])(\d+(?:\.\d+)?)b(?![a-z])', m)
+    size = float(size.group(1)) if size else None
+    if 'idefics3' in m: return 'idefics3', size
+    if 'internvl' in m: return 'internvl', size
+    if 'llava' in m: return ('llava-next' if re.search(r'llava-?next|llava-v?1\.6', m) else 'llava'), size
+    if 'qwen' in m and 'vl' in m: return 'qwen-vl', size
+    if 'minicpm' in m: return 'minicpm-v', size
+    return None, size
+
+def preset_for(model:str,      # a model id or folder, e.g. 'Qwen/Qwen2.5-VL-3B-Instruct'
+               warn:bool=True  # warn (`PresetGuessWarning`) when the preset is a guess
+              ) -> str|None:
+    "The seed's preset for a model, matched on family and size (None when no family fits); warns when it is a guess."
+    import warnings
+    fam, size = _model_family(model)
+    if fam is None: return None
+    name, why = fam, None
+    if fam == 'internvl':
+        name = 'internvl-3b'
+        if size is None or not 2.5 <= size <= 3.5: why = f"the seed's table has InternVL 3B only, this is {size or 'of unknown size'}{'B' if size else ''}"
+    elif fam == 'llava': name, why = 'llava-next', "the seed's table has LLaVA-Next only, this is another LLaVA"
+    elif fam == 'qwen-vl':
+        if size in (3.0, 7.0): name = f'qwen-vl-{size:.0f}b'
+        else:
+            name = 'qwen-vl-3b' if size is not None and size < 5 else 'qwen-vl-7b'
+            why = f"the seed's table has QwenVL 3B and 7B, this is {f'{size:g}B' if size else 'of unknown size'}"
+    if why and warn:
+        warnings.warn(f"{model}: preset {name!r} is a guess ({why}); name a preset in the config "
+                      f"(`preset:` of the model entry or of the config) to choose it", PresetGuessWarning, stacklevel=2)
+    return name
 
 # %% ../nbs/15_pipeline.ipynb #49a38789
+SELECTIONS = ('mean', 'intersect')
+
 _ENV = {'neuron_base': ('NEURON_BASE', str), 'output_base': ('OUTPUT_BASE', str), 'corpus_path': ('CORPUS_PATH', str),
         'multimodal_file': ('MULTIMODAL_FILE', str), 'sample_size': ('SAMPLE_SIZE', int),
         'skip_detect': ('SKIP_DETECT', lambda v: v.strip().lower() in ('1', 'true', 'yes'))}
@@ -52,7 +85,9 @@ class PipelineConfig:
     corpus_path: str|None = None                # CORPUS_PATH (GSM TSV folder)
     multimodal_file: str|None = 'minicpm_vl_math.parquet'  # MULTIMODAL_FILE
     sample_size: int = 100                      # SAMPLE_SIZE
-    skip_detect: bool = False                   # SKIP_DETECT: detections must exist
+    skip_detect: bool = False                   # SKIP_DETECT: no forward pass; existing detections (or shared JSONs) are used
+    selection: str = 'mean'                     # 'mean': top ratio of the mean scores; 'intersect': per-sample top ratio, intersected
+    preset: str|None = None                     # preset of every entry that names none (else guessed per model)
     methods: list = field(default_factory=lambda: ['lora'])
     pca_k: int = 4
     pca_alpha: float = 0.5
@@ -80,6 +115,8 @@ class PipelineConfig:
             if not isinstance(m, dict) or 'base' not in m: raise ValueError(f'models[{i}] needs a `base` (model id or folder)')
         bad = [m for m in d.get('methods', ['lora']) if m not in MERGE_RULES]
         if bad: raise ValueError(f'unknown methods {bad}; expected some of {MERGE_RULES}')
+        for w, x in [('selection', d.get('selection', 'mean'))] + [(f'models[{i}].selection', m['selection']) for i, m in enumerate(d['models']) if 'selection' in m]:
+            if x not in SELECTIONS: raise ValueError(f'{w}: expected one of {SELECTIONS}, got {x!r}')
         return cls(**d)
 
     @classmethod
@@ -92,14 +129,14 @@ class PipelineConfig:
     def entry(self, m:dict) -> dict:
         "One model entry with its preset and defaults filled in."
         name = m.get('name') or Path(str(m['base']).rstrip('/')).name
-        pre = m.get('preset') or preset_for(m['base']) or preset_for(name)
+        pre = m.get('preset') or self.preset or preset_for(m['base']) or preset_for(name)
         if pre is not None and pre not in PRESETS: raise ValueError(f'{name}: unknown preset {pre!r}; known: {sorted(PRESETS)}')
         p = {**dict(lora_rank=4, lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3), **(PRESETS.get(pre) or {})}
         p.update({k: m[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio', 'pca_k', 'pca_alpha') if k in m})
         b = m.get('reasoning_model') or self.reasoning_model
         if b is None: raise ValueError(f'{name}: no reasoning_model (model B) in the entry or the config')
         return dict(name=name, base=str(m['base']), model_a=str(m.get('model_a', m['base'])), model_b=str(b), preset=pre,
-                    methods=m.get('methods', self.methods), pca_k=p.get('pca_k', self.pca_k),
+                    methods=m.get('methods', self.methods), selection=m.get('selection', self.selection), pca_k=p.get('pca_k', self.pca_k),
                     pca_alpha=p.get('pca_alpha', self.pca_alpha), **{k: p[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio')})
 
 # %% ../nbs/15_pipeline.ipynb #84ff4da4
@@ -139,22 +176,65 @@ def _check_model(path:Path, base:str|None=None):
 def _log(msg, quiet):
     if not quiet: print(msg, flush=True)
 
-def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list) -> Detection:
+def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
+                  per_sample:bool=False) -> tuple:
+    "(Detection, or a neuron dict read from an existing JSON under SKIP_DETECT, or None; the file it came from)."
     root = Path(cfg.neuron_base)
     jpath, spath = detection_paths(root, model, task)
     params = dict(model=model, task=task, sample_size=cfg.sample_size, seed=cfg.seed, lang=cfg.lang,
                   data=str(cfg.corpus_path if task == 'gsm' else cfg.multimodal_file))
-    if stage_done(spath, params, Detection.load):
-        log.append(('detect', f'{Path(model).name}/{task}', 'skipped (done)')); return Detection.load(spath)
-    if cfg.skip_detect:
-        raise FileNotFoundError(f'skip_detect is set but no valid detection scores for {model} ({task}) at {spath}')
+    what = f'{Path(model).name}/{task}'
+    if stage_done(spath, {**params, 'per_sample': True}, Detection.load) or not per_sample and stage_done(spath, params, Detection.load):
+        log.append(('detect', what, 'skipped (done)')); return Detection.load(spath), spath
+    if cfg.skip_detect:   # the seed's SKIP_DETECT: whatever detection left under NEURON_BASE, stamped or not
+        if spath.exists():
+            log.append(('detect', what, f'skipped (SKIP_DETECT: {spath.name})')); return Detection.load(spath), spath
+        if jpath.exists():
+            log.append(('detect', what, f'skipped (SKIP_DETECT: {jpath.name}, used as selected)')); return read_neuron_json(jpath), jpath
+        return None, None
     _log(f'[detect] {model} on {task}', quiet)
     t0 = time.time()
     samples = load_detection_samples(task, cfg.corpus_path, cfg.multimodal_file, cfg.lang, cfg.sample_size, cfg.seed)
-    det = detect_neurons(model, samples, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=not quiet)
-    det.meta.update(task=task); det.save(spath); mark_done(spath, params)
-    log.append(('detect', f'{Path(model).name}/{task}', f'{time.time() - t0:.1f}s'))
-    return det
+    det = detect_neurons(model, samples, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=not quiet,
+                         keep_per_sample=per_sample)
+    det.meta.update(task=task); det.save(spath); mark_done(spath, {**params, 'per_sample': True} if per_sample else params)
+    log.append(('detect', what, f'{time.time() - t0:.1f}s'))
+    return det, spath
+
+def _select(det, sel:dict, selection:str, src) -> dict:
+    "A detection's neurons by `selection` ('mean' or 'intersect'); a neuron dict (an existing JSON) as it is."
+    if isinstance(det, dict): return det
+    if selection == 'intersect' and not det.sample_scores:
+        raise ValueError(f"selection 'intersect' needs per-sample scores, and {src} has none: detect again without SKIP_DETECT")
+    return det.select(**sel, mode='aggregate' if selection == 'mean' else 'intersect')
+
+def _shared_stage(e:dict, nb:Path, vl:tuple, reason:tuple, log:list) -> Path:
+    "The shared-neuron JSON of entry `e` from both detections (or, under SKIP_DETECT without them, the one already there)."
+    (dv, sv), (dl, sl) = vl, reason
+    cmp_dir = nb/f"compare_{e['name']}"; cmp_dir.mkdir(exist_ok=True)
+    shared_path = cmp_dir/'shared_VL_reasoning.json'
+    if dv is None or dl is None:   # SKIP_DETECT without detections: the seed's merge-only run on an existing shared JSON
+        if not shared_path.exists():
+            miss = [str(p) for m, t in ((e['model_a'], 'multimodal'), (e['model_b'], 'gsm')) for p in detection_paths(nb, m, t)]
+            raise FileNotFoundError(f"skip_detect is set but {e['name']} has no detections ({', '.join(miss)}) and no {shared_path}")
+        log.append(('shared', e['name'], f'skipped (SKIP_DETECT: existing {shared_path.name})')); return shared_path
+    sel = dict(atten_ratio=e['atten_ratio'], ffn_ratio=e['ffn_ratio'])
+    na, nbj = _select(dv, sel, e['selection'], sv), _select(dl, sel, e['selection'], sl)
+    sp = dict(a=e['model_a'], b=e['model_b'], **sel, selection=e['selection'],
+              detections=[_digest(_stamp(sv)) or _digest(sv), _digest(_stamp(sl)) or _digest(sl)])
+    if stage_done(shared_path, sp, read_neuron_json): log.append(('shared', e['name'], 'skipped (done)')); return shared_path
+    write_neuron_json(na, cmp_dir/'vl.json'); write_neuron_json(nbj, cmp_dir/'reasoning.json')
+    sh = shared_neurons(na, nbj, e['model_a'], e['model_b'])
+    write_neuron_json(sh, shared_path)
+    table = overlap_table(na, nbj, group_sizes(_geometry(e['model_a'])))
+    table.to_csv(cmp_dir/'overlap.tsv', sep='\t', index=False)
+    overlap_heatmap(table, cmp_dir/'overlap_heatmap.png', title=f"{e['name']}: VL vs reasoning neurons (Jaccard)")
+    import matplotlib.pyplot as plt; plt.close('all')
+    (cmp_dir/'shared_VL_reasoning.meta.json').write_text(json.dumps(dict(   # the neuron JSON itself stays the seed's format
+        selection=e['selection'], **sel, model_a=e['model_a'], model_b=e['model_b'], detections=[str(sv), str(sl)],
+        n_shared=sum(len(v) for d in sh.values() for v in d.values())), indent=1))
+    mark_done(shared_path, sp); log.append(('shared', e['name'], 'done'))
+    return shared_path
 
 def _has_cuda() -> bool:
     import torch; return torch.cuda.is_available()
@@ -181,37 +261,25 @@ def run_pipeline(cfg:PipelineConfig|dict, # the run's config
     nb.mkdir(parents=True, exist_ok=True); ob.mkdir(parents=True, exist_ok=True)
     for m in cfg.models:
         e = cfg.entry(m)
-        dv = _detect_stage(e['model_a'], 'multimodal', cfg, quiet, log)
-        dl = _detect_stage(e['model_b'], 'gsm', cfg, quiet, log)
-        cmp_dir = nb/f"compare_{e['name']}"; cmp_dir.mkdir(exist_ok=True)
-        sel = dict(atten_ratio=e['atten_ratio'], ffn_ratio=e['ffn_ratio'])
-        na, nbj = dv.select(**sel), dl.select(**sel)
-        write_neuron_json(na, cmp_dir/'vl.json'); write_neuron_json(nbj, cmp_dir/'reasoning.json')
-        shared_path = cmp_dir/'shared_VL_reasoning.json'
-        sp = dict(a=e['model_a'], b=e['model_b'], **sel, detections=[_digest(_stamp(detection_paths(nb, e['model_a'], 'multimodal')[1])),
-                                                                      _digest(_stamp(detection_paths(nb, e['model_b'], 'gsm')[1]))])
-        if stage_done(shared_path, sp, read_neuron_json): log.append(('shared', e['name'], 'skipped (done)'))
-        else:
-            sh = shared_neurons(na, nbj, e['model_a'], e['model_b'])
-            write_neuron_json(sh, shared_path)
-            table = overlap_table(na, nbj, group_sizes(_geometry(e['model_a'])))
-            table.to_csv(cmp_dir/'overlap.tsv', sep='\t', index=False)
-            overlap_heatmap(table, cmp_dir/'overlap_heatmap.png', title=f"{e['name']}: VL vs reasoning neurons (Jaccard)")
-            import matplotlib.pyplot as plt; plt.close('all')
-            mark_done(shared_path, sp); log.append(('shared', e['name'], 'done'))
+        per = e['selection'] == 'intersect'
+        dv, sv = _detect_stage(e['model_a'], 'multimodal', cfg, quiet, log, per)
+        dl, sl = _detect_stage(e['model_b'], 'gsm', cfg, quiet, log, per)
+        shared_path = _shared_stage(e, nb, (dv, sv), (dl, sl), log)
         shared = read_neuron_json(shared_path)
+        side = shared_path.with_name('shared_VL_reasoning.meta.json')
+        smeta = json.loads(side.read_text()) if side.exists() else {'selection': None, 'note': f'{shared_path} used as found (SKIP_DETECT)'}
         n_shared = sum(len(v) for d in shared.values() for v in d.values())
         targets = [(e['name'], e['base'], None)]
         for meth in e['methods']:
             out = ob/f"{e['name']}_{meth}"
-            mp = dict(base=e['base'], a=e['model_a'], b=e['model_b'], method=meth, shared=_digest(shared_path),
+            mp = dict(base=e['base'], a=e['model_a'], b=e['model_b'], method=meth, shared=_digest(shared_path), selection=smeta.get('selection'),
                       **{k: e[k] for k in ('lora_rank', 'lora_beta', 'pca_k', 'pca_alpha')}, dtype=cfg.merge_dtype)
             if stage_done(out, mp, lambda p: _check_model(p, e['base'])): log.append(('merge', out.name, 'skipped (done)'))
             else:
                 _log(f'[merge] {out.name}', quiet); t0 = time.time()
                 neuron_merge(e['base'], e['model_a'], e['model_b'], shared, out, meth, e['lora_rank'], e['lora_beta'],
                              e['pca_k'], e['pca_alpha'], cfg.merge_dtype, cfg.device if cfg.device != 'auto' else 'auto',
-                             overwrite=True, progress=not quiet)
+                             overwrite=True, progress=not quiet, meta={'shared_meta': smeta, 'selection': smeta.get('selection')})
                 mark_done(out, mp); log.append(('merge', out.name, f'{time.time() - t0:.1f}s'))
             targets.append((out.name, str(out), meth))
         for label, path, meth in targets:

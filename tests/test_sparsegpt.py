@@ -159,3 +159,77 @@ def test_importance_trimming_vs_magnitude_on_layer_output(model, tok):
               for k in ('sparsegpt', 'obs', 'diag')}
         assert err(by['diag']) < err(mag)
         assert not torch.equal(by['sparsegpt'] != W0, mag != W0)
+
+
+def _family_trio(tmp, fam):
+    "A tiny GPT-2 or BLOOM base and two light fine-tunes of it, saved with save_pretrained."
+    from transformers import GPT2Config, GPT2LMHeadModel, BloomConfig, BloomForCausalLM
+    cls, cfg = ((GPT2LMHeadModel, GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+                if fam == 'gpt2' else (BloomForCausalLM, BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)))
+    torch.manual_seed(0); base = cls(cfg).eval(); base.save_pretrained(tmp/'base')
+    paths = []
+    for s in (1, 2):
+        torch.manual_seed(s); m = cls(cfg).eval(); m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2: p.add_(0.05 * torch.randn_like(p))
+        m.save_pretrained(tmp/f'ft{s}'); paths.append(tmp/f'ft{s}')
+    return tmp/'base', paths
+
+
+@pytest.mark.parametrize('fam,key', [('gpt2', 'transformer.h.1.attn.c_attn.weight'), ('bloom', 'transformer.h.1.self_attention.query_key_value.weight')])
+def test_sparsegpt_on_gpt2_and_bloom(fam, key, tmp_path, caplog):
+    "Issue 18 item 6: GPT-2's Conv1D and BLOOM's `h.N.` layout are ranked by importance, not silently by magnitude."
+    import logging
+    from transformers import AutoModelForCausalLM
+    from vlm_merge.engine import run_merge
+    from vlm_merge.checkpoints import CheckpointReader
+    from vlm_merge.methods import merge_tensors
+    base, fts = _family_trio(tmp_path, fam)
+    data = [[int(i) for i in torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(s))] for s in range(4)]
+    ps = [{'weight': 0.5, 'density': 0.2}] * 2
+    cfg = {'merge_method': 'ties', 'base_model': str(base), 'dtype': 'float32',
+           'models': [{'model': str(f), 'parameters': p} for f, p in zip(fts, ps)],
+           'parameters': {'use_sparsegpt': True}, 'sparsegpt': {'data': data, 'cache_dir': str(tmp_path/'cache')}}
+    with caplog.at_level(logging.INFO, logger='vlm_merge.engine'):
+        out = run_merge(cfg, tmp_path/'out', progress=False)
+    card = (out/'README.md').read_text()
+    assert '8 merged linear weights of the decoder layers were ranked by importance' in card, card
+    assert 'no Hessian was found' not in card
+    assert any('8 tensors ranked by SparseGPT importance' in r.getMessage() for r in caplog.records)
+    # the output equals TIES given each model's importance from its own Hessian (Conv1D: on the transpose)
+    mod = key[:-len('.weight')]
+    b0, xs = CheckpointReader(base).get(key), [CheckpointReader(f).get(key) for f in fts]
+    imp = []
+    for f, x in zip(fts, xs):
+        H = hessians(AutoModelForCausalLM.from_pretrained(f), data, None, progress=False)
+        d = x - b0
+        imp.append(sparsegpt_importance(d.T, H[mod]).T if fam == 'gpt2' else sparsegpt_importance(d, H[mod]))
+        assert H.is_transposed(key) == (fam == 'gpt2')
+    want = merge_tensors('ties', b0, xs, ps, importance=imp)
+    assert torch.equal(CheckpointReader(out).get(key), want)
+    assert not torch.equal(want != b0, merge_tensors('ties', b0, xs, ps) != b0)   # not what magnitude keeps
+
+
+def test_decoder_weight_without_hessian_is_counted_and_named(tmp_path, monkeypatch, caplog):
+    "A decoder-layer weight that finds no Hessian is ranked by magnitude, and the card and the log say which."
+    import logging
+    import vlm_merge.engine as E
+    base, fts = _family_trio(tmp_path, 'bloom')
+    data = [[1, 2, 3, 4, 5, 6]] * 2
+    real = E.input_hessians
+    def partial(plan, **kw):
+        hs = real(plan, **kw)
+        for st in hs.values(): st.pop('transformer.h.0.mlp.dense_4h_to_h')
+        return hs
+    monkeypatch.setattr(E, 'input_hessians', partial)
+    cfg = {'merge_method': 'ties', 'base_model': str(base), 'dtype': 'float32',
+           'models': [{'model': str(f), 'parameters': {'weight': 0.5, 'density': 0.2}} for f in fts],
+           'parameters': {'use_sparsegpt': True}, 'sparsegpt': {'data': data, 'cache_dir': None}}
+    with caplog.at_level(logging.INFO, logger='vlm_merge.engine'):
+        out = E.run_merge(cfg, tmp_path/'out', progress=False)
+    card = (out/'README.md').read_text()
+    assert '7 merged linear weights of the decoder layers were ranked by importance' in card
+    assert '1 linear weights of decoder layers for which no Hessian was found**: `transformer.h.0.mlp.dense_4h_to_h.weight`' in card
+    rec = [r for r in caplog.records if 'no Hessian was found' in r.getMessage()]
+    assert rec and rec[0].levelno == logging.WARNING and 'transformer.h.0.mlp.dense_4h_to_h.weight' in rec[0].getMessage()

@@ -321,6 +321,7 @@ class MergePlan:
     hessians: dict = field(default_factory=dict)        # model ref -> Hessians (`use_sparsegpt`), set by `input_hessians`
     hessian_passes: dict = field(default_factory=dict)  # model ref -> forward passes run for them (0: read from the cache)
     stats: Counter = field(default_factory=Counter)     # merged tensors ranked by 'sparsegpt' importance / by 'magnitude'
+    no_hessian: list = field(default_factory=list)      # decoder-layer weights that found no Hessian (ranked by magnitude, listed on the card)
     hinv: dict = field(default_factory=dict)            # id(H) -> (H, damp, diag of H^-1): one factorisation per distinct Hessian
 
     def counts(self) -> dict:
@@ -808,8 +809,9 @@ def merge_item(plan:MergePlan, # the plan
     imp = None
     if Hs is not None:   # each model's task vector scored with its Hessian (see `input_hessians`)
         sp = cfg.sparsegpt_for()
-        imp = [sparsegpt_importance(x.float() - base.float(), H, damp=float(sp['damp']), kind=sp['kind'],
-                                    hinv=None if sp['kind'] == 'diag' else _hinv(plan, H, float(sp['damp']), x.device)) for x, H in zip(xs, Hs)]
+        score = lambda d, H: sparsegpt_importance(d, H, damp=float(sp['damp']), kind=sp['kind'],
+                                                  hinv=None if sp['kind'] == 'diag' else _hinv(plan, H, float(sp['damp']), d.device))
+        imp = [score((x.float() - base.float()).T, H).T if tr else score(x.float() - base.float(), H) for x, (H, tr) in zip(xs, Hs)]
     # merge_tensors passes identical inputs through bit for bit, checks NaN/Inf and computes in float32
     try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key), importance=imp).to(dt)
     except (ValueError, TypeError) as e: raise MergeRefused(f'{it.out_key}: {e}') from None
@@ -830,8 +832,11 @@ def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
     out += [f'- `{m.model}` calibrated on {data(m.sparsegpt["data"])}' for m in config.models if m.sparsegpt.get('data') is not None]
     if plan is not None:
         st = plan.stats
-        out += ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} other '
-                'merged tensors (norms, biases, embeddings, lm_head, vision tower: no Hessian) by magnitude.']
+        nh = plan.no_hessian
+        out += ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} merged '
+                f'tensors by magnitude: {st["magnitude"] - len(nh)} that have no Hessian (norms, biases, embeddings, lm_head, vision tower)'
+                + (f', and **{len(nh)} linear weights of decoder layers for which no Hessian was found**: '
+                   + ', '.join(f'`{k}`' for k in nh[:8]) + (' ...' if len(nh) > 8 else '') if nh else '') + '.']
         if st['hinv_factorised']:
             out += ['', f"Inverse-Hessian diagonals: {st['hinv_factorised']} factorised, {st['hinv_reused']} reused (weights that read the same input share one)."]
         if plan.hessian_passes:
@@ -934,7 +939,10 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
             msg = (f'use_sparsegpt: {plan.stats["sparsegpt"]} tensors ranked by SparseGPT importance, {plan.stats["magnitude"]} by magnitude '
                    '(no Hessian); Hessians ' + ', '.join(f'{Path(lora_parts(r)[-1] or r).name}: ' + (f'{n} forward passes' if n else 'cached')
                                                          for r, n in plan.hessian_passes.items()))
-            logging.getLogger(__name__).info(msg)
+            if plan.no_hessian:
+                msg += (f'; {len(plan.no_hessian)} of the magnitude-ranked tensors are decoder-layer weights for which no Hessian was found: '
+                        + ', '.join(plan.no_hessian[:5]) + (' ...' if len(plan.no_hessian) > 5 else ''))
+            logging.getLogger(__name__).log(logging.WARNING if plan.no_hessian else logging.INFO, msg)
             if progress: tqdm.write(msg)
     finally:
         plan.close(); torch.set_num_threads(n_threads)
@@ -1050,13 +1058,16 @@ def input_hessians(plan:MergePlan, # the plan of a merge with `use_sparsegpt`
 # %% ../nbs/09_engine.ipynb #176d09b9
 _VISION_RE = re.compile(r'vision|visual|image|patch|encoder')
 
+_DECODER_RE = re.compile(r'(?:^|\.)(?:layers|h|blocks)\.(\d+)\.')   # Llama-style `layers.N.`, GPT-2 / BLOOM `h.N.`
+
 def _hessian_for(store, key:str):
-    "The Hessian of checkpoint key `key` in `store` (a `HessianStore` or a dict module -> H), or None."
-    if hasattr(store, 'for_key'): return store.for_key(key)
-    mod = key[:-len('.weight')] if key.endswith('.weight') else key
-    if mod in store: return store[mod]
-    m = re.search(r'(?:^|\.)layers\.(\d+\..*)$', mod)
-    return next((store[n] for n in store if m and n.endswith('layers.' + m.group(1))), None)
+    "(Hessian, whether the weight is stored [in, out]) of checkpoint key `key` in `store` (`HessianStore`, `HessianDict` or a dict module -> H); None if absent."
+    if hasattr(store, 'for_key'):
+        H = store.for_key(key)
+        return None if H is None else (H, store.is_transposed(key))
+    from vlm_merge.sparsegpt import module_for_key
+    n = module_for_key(store, key)
+    return None if n is None else (store[n], False)
 
 def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     "`hinv_diagonal(H)`, factorised once per distinct Hessian object (q/k/v and gate/up share one; `hessian: base` shares one across models)."
@@ -1067,19 +1078,22 @@ def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     return d
 
 def _item_hessians(plan:MergePlan, it:PlanItem) -> list|None:
-    "The Hessian scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."
+    "(Hessian, transposed) scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."
     if it.base_key is None or it.rows is not None or len(it.shape) != 2 or not it.out_key.endswith('.weight'): return None
     lm = it.canon.startswith('layers.') if it.canon is not None else (
-        not plan.canonical and _LAYER_RE.search(it.out_key) is not None and not _VISION_RE.search(it.out_key))
+        not plan.canonical and _DECODER_RE.search(it.out_key) is not None and not _VISION_RE.search(it.out_key))
     if not lm: return None
     cfg = plan.config
     by_base = cfg.sparsegpt_for()['hessian'] == 'base'
     Hs = []
     for ref, key in it.src.items():
         store = plan.hessians.get(cfg.base_model if by_base else ref)
-        H = None if store is None else _hessian_for(store, it.base_key if by_base else key)
-        if H is None: return None
-        if tuple(H.shape) != (it.shape[1], it.shape[1]):
-            raise MergeRefused(f'{it.out_key}: the Hessian of {ref} is {tuple(H.shape)}, but the tensor has {it.shape[1]} inputs')
-        Hs.append(H)
+        found = None if store is None else _hessian_for(store, it.base_key if by_base else key)
+        if found is None:   # a decoder weight without a Hessian: ranked by magnitude, named on the card and in the log
+            plan.no_hessian.append(it.out_key); return None
+        H, tr = found
+        n_in = it.shape[0] if tr else it.shape[1]   # GPT-2's Conv1D stores [in, out]
+        if tuple(H.shape) != (n_in, n_in):
+            raise MergeRefused(f'{it.out_key}: the Hessian of {ref} is {tuple(H.shape)}, but the tensor has {n_in} inputs')
+        Hs.append((H, tr))
     return Hs

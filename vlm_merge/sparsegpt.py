@@ -13,7 +13,8 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['hinv_diagonal', 'sparsegpt_importance', 'decoder_layers', 'HessianStore', 'hessians', 'tiny_llama', 'word_tokenizer']
+__all__ = ['hinv_diagonal', 'sparsegpt_importance', 'decoder_layers', 'module_for_key', 'HessianDict', 'HessianStore', 'hessians',
+           'tiny_llama', 'word_tokenizer']
 
 # %% ../nbs/08_sparsegpt.ipynb #86681320
 def hinv_diagonal(H:torch.Tensor,       # Hessian X^T X of a layer's input [in, in]
@@ -97,6 +98,30 @@ def _data_hash(data, extra) -> str:
     return h.hexdigest()
 
 # %% ../nbs/08_sparsegpt.ipynb #7846a96a
+def module_for_key(names, # module names ('model.layers.3.self_attn.q_proj', 'transformer.h.3.attn.c_attn')
+                   key:str, # a checkpoint key (the module's name, any prefix, '.weight')
+                   layers:str='layers' # dotted name of the decoder-layer list ('model.layers', 'transformer.h')
+                  ) -> str|None:
+    "The module of `names` that checkpoint `key` belongs to: the same name, else the same part from `<list>.N.` on (any prefix)."
+    mod = key[:-len('.weight')] if key.endswith('.weight') else key
+    if mod in names: return mod
+    last = layers.split('.')[-1]
+    m = re.search(rf'(?:^|\.){re.escape(last)}\.(\d+\..*)$', mod) or re.search(r'(?:^|\.)layers\.(\d+\..*)$', mod)
+    if m is None: return None
+    tail = m.group(0).lstrip('.')
+    return next((n for n in names if n == tail or n.endswith('.' + tail)), None)
+
+class HessianDict(dict):
+    "Module name -> Hessian, computed in memory (no cache); `layers` and `transposed` as `HessianStore.meta` has them."
+    def __init__(self, *a, layers:str='layers', transposed=(), **kw):
+        super().__init__(*a, **kw); self.meta = {'layers': layers, 'transposed': sorted(transposed)}
+    def for_key(self, key:str) -> torch.Tensor|None:
+        "As `HessianStore.for_key`."
+        n = module_for_key(self, key, self.meta['layers']); return None if n is None else self[n]
+    def is_transposed(self, key:str) -> bool:
+        "As `HessianStore.is_transposed`."
+        return module_for_key(self.meta['transposed'], key, self.meta['layers']) is not None
+
 class HessianStore(Mapping):
     "Read-only mapping module name -> Hessian (float32), loaded lazily, one layer file at a time."
     def __init__(self, folder, # a cache folder written by `hessians`
@@ -118,14 +143,12 @@ class HessianStore(Mapping):
     def __iter__(self): return iter(self.names)
     def __len__(self): return len(self.names)
     def for_key(self, key:str) -> torch.Tensor|None:
-        "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight'), matched on the part from `layers.N.` on; None if absent."
-        mod = key[:-len('.weight')] if key.endswith('.weight') else key
-        if mod in self.names: return self[mod]
-        m = re.search(r'(?:^|\.)layers\.(\d+\..*)$', mod)
-        if m is None: return None
-        for n in self.names:
-            if n.endswith('layers.' + m.group(1)): return self[n]
-        return None
+        "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight', GPT-2/BLOOM '...h.3.attn.c_attn.weight'), matched on the part from the decoder list's `<name>.N.` on; None if absent."
+        n = module_for_key(self.names, key, self.meta.get('layers', 'layers'))
+        return None if n is None else self[n]
+    def is_transposed(self, key:str) -> bool:
+        "Whether the weight of `key` is stored [in, out] (GPT-2's `Conv1D`), so its importance is taken on the transpose."
+        return module_for_key(self.meta.get('transposed', []), key, self.meta.get('layers', 'layers')) is not None
     def __repr__(self): return f"HessianStore({self.folder}, {len(self)} modules, {self.meta['n_layers']} layers)"
 
 # %% ../nbs/08_sparsegpt.ipynb #617eb783
@@ -153,20 +176,23 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
              layers_per_pass:int|None=None, # decoder layers per forward pass (None: all in one pass)
              progress:bool=True,         # tqdm progress bar
             ) -> Mapping:
-    "Hessians X^T X / n_tokens (float32) of every nn.Linear in the decoder layers, cached on disk keyed by model and data."
+    "Hessians X^T X / n_tokens (float32) of every nn.Linear (and GPT-2 `Conv1D`) in the decoder layers, cached on disk keyed by model and data."
     data = list(data)
     if not data: raise ValueError("hessians: no calibration data")
     lname, layers = decoder_layers(model)
     n_layers = len(layers)
     key = hashlib.sha256((_fingerprint(model) + _data_hash(data, {'max_length': max_length,
-                          'tok': getattr(tokenizer, 'name_or_path', None)})).encode()).hexdigest()[:24]
+                          'tok': getattr(tokenizer, 'name_or_path', None), 'modules': 'linear+conv1d'})).encode()).hexdigest()[:24]
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser() / key
         if (folder / 'meta.json').exists() and all((folder / f'layer_{i:04d}.safetensors').exists() for i in range(n_layers)):
             return HessianStore(folder)
         folder.mkdir(parents=True, exist_ok=True)
-    lin = {i: [(f'{lname}.{i}.{n}', m) for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)] for i in range(n_layers)}
+    try: from transformers.pytorch_utils import Conv1D   # GPT-2's linear layers: y = x W + b, W stored [in, out]
+    except ImportError: Conv1D = ()
+    lin = {i: [(f'{lname}.{i}.{n}', m) for n, m in layers[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))] for i in range(n_layers)}
+    transposed = [n for i in lin for n, m in lin[i] if Conv1D and isinstance(m, Conv1D)]
     todo = [i for i in range(n_layers) if folder is None or not (folder / f'layer_{i:04d}.safetensors').exists()]
     step = layers_per_pass or n_layers
     chunks = [todo[j:j + step] for j in range(0, len(todo), step)]
@@ -224,13 +250,14 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
     finally:
         bar.close()
         model.train(was_training)
-    if folder is None: return result
+    if folder is None: return HessianDict(result, layers=lname, transposed=transposed)
     from safetensors import safe_open
     for i in range(n_layers):   # layers done by an earlier (interrupted) run: their module map is in the file
         if i not in todo:
             with safe_open(str(folder / f'layer_{i:04d}.safetensors'), framework='pt') as f:
                 modules_meta.update({n: tuple(v) for n, v in json.loads(f.metadata()['names']).items()})
-    meta = {'n_layers': n_layers, 'layers': lname, 'modules': modules_meta, 'n_samples': len(data), 'max_length': max_length}
+    meta = {'n_layers': n_layers, 'layers': lname, 'modules': modules_meta, 'n_samples': len(data), 'max_length': max_length,
+            'transposed': transposed}
     tmp = folder / '.meta.json.tmp'; tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, folder / 'meta.json')
     store = HessianStore(folder)
     missing = [n for n, (i, s) in store.names.items() if s not in load_file(str(folder / f'layer_{i:04d}.safetensors'))]

@@ -136,3 +136,38 @@ def test_every_tiny_family(family):
     y = grab['y'] if ref.rows is None else grab['y'][..., ref.rows]
     want = (y.abs() * mask[..., None]).sum((0, 1)) / mask.sum()
     torch.testing.assert_close(sc['fwd_up'][1], want, rtol=1e-4, atol=1e-6)
+
+
+def _image_samples(n=2):
+    from PIL import Image
+    return [{'prompt': 'Find x.', 'answer': '3', 'image': Image.new('RGB', (28, 28), (i * 40, 0, 0))} for i in range(n)]
+
+
+@pytest.mark.parametrize('prompt', ['<image>Find x in the triangle.', '<image>\nFind x in the triangle.', 'Find x in the triangle.'])
+def test_image_placeholder_in_problem_text_detect(models, prompt):
+    "Issue 18 item 9: with or without Geometry3K's '<image>' in the text, one image token per image; detection runs."
+    from transformers import AutoProcessor
+    from vlm_merge.detect import encode_batch
+    proc = AutoProcessor.from_pretrained(models/'vlm')
+    s = [{**x, 'prompt': prompt} for x in _image_samples(1)]
+    enc = encode_batch(proc, s, True)
+    plain = encode_batch(proc, [{**s[0], 'prompt': 'Find x in the triangle.'}], True)
+    assert torch.equal(enc['input_ids'], plain['input_ids'])
+    det = detect_neurons(models/'vlm', s, device='cpu', dtype='float32', progress=False)
+    assert det.meta['n_samples'] == 1
+
+
+def test_vlm_processor_without_image_processor_refuses(models):
+    "Issue 18 item 8: images are never dropped silently; drop_images=True warns and detects on the text."
+    from transformers import AutoTokenizer, AutoModelForImageTextToText
+    from vlm_merge.detect import load_model_for_detection
+    model = AutoModelForImageTextToText.from_pretrained(models/'vlm').eval()
+    tok = AutoTokenizer.from_pretrained(models/'vlm')
+    with pytest.raises(ValueError, match='has no image processor'):
+        detect_neurons(model, _image_samples(), proc=tok, progress=False)
+    with pytest.warns(UserWarning, match='detecting on the text alone'):
+        det = detect_neurons(model, _image_samples(), proc=tok, drop_images=True, progress=False)
+    assert det.meta['n_samples'] == 2
+    llm, ltok, is_vlm = load_model_for_detection(models/'llm', 'cpu', 'float32')   # a text model given image samples
+    with pytest.raises(ValueError, match='have images'):
+        detect_neurons(llm, _image_samples(), proc=ltok, progress=False)

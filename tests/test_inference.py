@@ -98,3 +98,16 @@ def test_perplexity_padding_invariant(models_dir):
 def test_errors(models_dir):
     with pytest.raises(ValueError, match='unknown backend'): Inferencer(models_dir / 'llama', backend='gpt9')
     assert detect_backend({'model_type': 'idefics3'}) == 'idefics3'
+
+
+@pytest.mark.parametrize('sep', ['', '\n', ' '])
+def test_geometry3k_image_placeholder_in_problem_text(models_dir, sep):
+    "Issue 18 item 9: '<image>' in the problem text (Geometry3K's form) gives a LLaVA processor no second image token."
+    inf = Inferencer(models_dir / 'llava')
+    g = make_geometry(2, seed=3)
+    p, im = geometry_prompt(g.problem[0], g.choices[0]), g.images[0][0]
+    with_ph = inf.format('<image>' + sep + p, with_image=True)
+    assert with_ph == inf.format(p, with_image=True) and with_ph.count('<image>') == 1
+    e1, e2 = inf.encode([with_ph], [im]), inf.encode([inf.format(p, with_image=True)], [im])
+    assert torch.equal(e1['input_ids'], e2['input_ids'])
+    assert inf.generate(['<image>' + sep + p], [im], max_new_tokens=3, progress=False) == inf.generate([p], [im], max_new_tokens=3, progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
-from .inference import pick_device, pick_dtype
+from .inference import pick_device, pick_dtype, strip_image_placeholders
 from .anatomy import GROUPS, ROW_GROUPS, COL_GROUPS, ModelAnatomy
 
 # %% auto #0
@@ -293,7 +293,8 @@ def load_model_for_detection(path:str|Path,     # local folder or Hub id
 def _tokenizer_of(proc): return getattr(proc, 'tokenizer', proc)
 
 def _chat_text(proc, sample:dict, with_image:bool) -> str:
-    content = ([{'type': 'image'}] if with_image else []) + [{'type': 'text', 'text': sample['prompt']}]
+    prompt = strip_image_placeholders(sample['prompt'], proc) if with_image else sample['prompt']   # Geometry3K's '<image>'
+    content = ([{'type': 'image'}] if with_image else []) + [{'type': 'text', 'text': prompt}]
     msgs = [{'role': 'user', 'content': content}]
     if sample.get('answer'): msgs.append({'role': 'assistant', 'content': [{'type': 'text', 'text': sample['answer']}]})
     tmpl = getattr(proc, 'chat_template', None) or getattr(_tokenizer_of(proc), 'chat_template', None)
@@ -305,7 +306,7 @@ def _chat_text(proc, sample:dict, with_image:bool) -> str:
                 return _tokenizer_of(proc).apply_chat_template(flat, tokenize=False, add_generation_prompt=False)
             raise
     img = (getattr(proc, 'image_token', None) or '<image>') + '\n' if with_image else ''
-    return f"{img}{sample['prompt']}" + (f"\n{sample['answer']}" if sample.get('answer') else '')
+    return f"{img}{prompt}" + (f"\n{sample['answer']}" if sample.get('answer') else '')
 
 def encode_batch(proc,              # processor (VLM) or tokenizer (text LLM)
                  samples:list[dict], # from `load_detection_samples`
@@ -333,6 +334,7 @@ def detect_neurons(model,                   # a loaded model, or a path/Hub id
                    groups:tuple=GROUPS,     # groups to record
                    keep_per_sample:bool=False, # keep per-sample scores (for mode='intersect')
                    max_length:int|None=None,   # truncate text-only samples
+                   drop_images:bool=False,  # samples have images but the processor cannot read them: detect on the text (warned) instead of refusing
                    progress:bool=True       # show a tqdm bar
                   ) -> Detection:
     "Run the samples through the model with hooks and return the per-neuron scores."
@@ -344,6 +346,13 @@ def detect_neurons(model,                   # a loaded model, or a path/Hub id
         if proc is None: raise ValueError('pass the processor or tokenizer with a loaded model')
         is_vlm = getattr(model.config, 'vision_config', None) is not None
     if not samples: raise ValueError('no detection samples')
+    n_img = sum(s.get('image') is not None for s in samples)
+    if n_img and (not is_vlm or not hasattr(proc, 'image_processor')):   # the images would be dropped: never silently
+        why = (f"{n_img} of {len(samples)} samples have images, but " + (f"the processor of {meta.get('model', type(model).__name__)} "
+               f"({type(proc).__name__}) has no image processor" if not hasattr(proc, 'image_processor') else 'the model is not a VLM'))
+        if not drop_images: raise ValueError(why + '; load the model with its AutoProcessor, or pass drop_images=True to detect on the text alone')
+        warnings.warn(why + ': detecting on the text alone (drop_images=True)')
+        samples, is_vlm = [{**s, 'image': None} for s in samples], False
     dev = next(model.parameters()).device
     with ActivationRecorder(model, groups, keep_per_sample) as rec:
         for i in tqdm(range(0, len(samples), batch_size), desc='detect', disable=not progress):

@@ -16,8 +16,8 @@ from .data import (load_gsm, load_geometry, to_pil, gsm_prompt, geometry_prompt,
 
 # %% auto #0
 __all__ = ['BACKENDS', 'FALLBACK_CHAT_TEMPLATE', 'TASKS', 'GEOMETRY3K_HUB_ID', 'Backend', 'detect_backend', 'pick_dtype',
-           'pick_device', 'Inferencer', 'plain_greedy', 'greedy_decode', 'load_task_data', 'evaluate',
-           'write_predictions', 'perplexity', 'infer_cli']
+           'pick_device', 'Inferencer', 'strip_image_placeholders', 'plain_greedy', 'greedy_decode', 'load_task_data',
+           'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
 
 # %% ../nbs/10_inference.ipynb #a801ab30
 @dataclass
@@ -123,10 +123,23 @@ class Inferencer:
 
     def __repr__(self): return f'Inferencer({self.model_path or type(self.model).__name__!r}, backend={self.backend_name!r}, device={self.device!r})'
 
+# %% ../nbs/10_inference.ipynb #bb180462
+def strip_image_placeholders(text:str, # a problem text, e.g. Geometry3K's '<image>Find x.'
+                             proc=None # the processor (or tokenizer) whose `image_token` is also removed
+                            ) -> str:
+    "`text` without image placeholders (`<image>` and the processor's image token): the prompt's image item puts in the one image token."
+    import re
+    toks = {'<image>'} | {t for t in (getattr(proc, 'image_token', None), getattr(getattr(proc, 'tokenizer', None), 'image_token', None))
+                          if isinstance(t, str) and t}
+    out = text
+    for t in sorted(toks, key=len, reverse=True): out = re.sub(re.escape(t) + r'[ \t]*\n?', '', out)
+    return text if out == text else out.strip()
+
 # %% ../nbs/10_inference.ipynb #37278a4f
 def _format(self:Inferencer, prompt:str, with_image:bool=False) -> str:
     "The full prompt text for one user message (chat template applied, generation prompt added)."
     proc, tok = self.processor, self.tokenizer
+    if with_image: prompt = strip_image_placeholders(prompt, proc)   # Geometry3K's '<image>': the image item below is the one
     if with_image and proc is not tok and getattr(proc, 'chat_template', None):
         msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': prompt}]}]
         return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -351,3 +351,33 @@ def test_get_to_cuda(llama_dir):
     t = r.get(k, device='cuda', dtype='bf16')
     assert t.device.type == 'cuda' and t.dtype == torch.bfloat16
     assert torch.equal(t.cpu(), r.get(k).bfloat16())
+
+
+def test_remote_code_files_copied_into_every_output(tmp_path):
+    "Issue 18 item 3: the auto_map's .py files (and their relative imports) go into the neuron merge, the streaming merge and reshard."
+    import json, shutil
+    from vlm_merge.checkpoints import reshard, remote_code_files
+    from vlm_merge.detect import _tiny_models
+    from vlm_merge.engine import run_merge
+    from vlm_merge.neuron_merge import neuron_merge
+    m = _tiny_models(tmp_path/'m')
+    rc = tmp_path/'stand_in'; shutil.copytree(m/'llm', rc)
+    cfg = json.loads((rc/'config.json').read_text())
+    cfg['auto_map'] = {'AutoConfig': 'configuration_x.XConfig', 'AutoModel': 'modeling_x.XModel'}
+    (rc/'config.json').write_text(json.dumps(cfg))
+    tc = json.loads((rc/'tokenizer_config.json').read_text()); tc['auto_map'] = {'AutoTokenizer': ['tokenization_x.XTok', None]}
+    (rc/'tokenizer_config.json').write_text(json.dumps(tc))
+    (rc/'configuration_x.py').write_text('X = 1\n')
+    (rc/'modeling_x.py').write_text('from .configuration_x import X\nfrom .sub.helpers import h\n')
+    (rc/'sub').mkdir(); (rc/'sub'/'helpers.py').write_text('def h(): pass\n')
+    (rc/'tokenization_x.py').write_text('T = 1\n'); (rc/'unrelated.py').write_text('')
+    want = ['configuration_x.py', 'modeling_x.py', 'sub/helpers.py', 'tokenization_x.py']
+    assert remote_code_files(rc) == want
+    outs = [reshard(rc, tmp_path/'r', progress=False),
+            neuron_merge(rc, rc, m/'llm2', {'fwd_up': {'0': [1, 2]}}, tmp_path/'nm', method='mean', progress=False),
+            run_merge({'merge_method': 'linear', 'dtype': 'float32', 'models': [{'model': str(rc), 'parameters': {'weight': 0.5}},
+                       {'model': str(m/'llm2'), 'parameters': {'weight': 0.5}}]}, tmp_path/'lin', progress=False)]
+    for o in outs:
+        got = sorted(p.relative_to(o).as_posix() for p in o.rglob('*.py'))
+        assert got == want, (o, got)
+        assert json.loads((o/'config.json').read_text())['auto_map']['AutoModel'] == 'modeling_x.XModel'

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'AUX_FILES', 'CheckpointError', 'MissingTensorError', 'parse_size', 'to_dtype',
-           'resolve_model_path', 'read_safetensors_header', 'save_safetensors', 'CheckpointReader', 'ShardedWriter',
-           'reshard', 'rss_bytes']
+           'resolve_model_path', 'read_safetensors_header', 'save_safetensors', 'CheckpointReader', 'remote_code_files',
+           'ShardedWriter', 'reshard', 'rss_bytes']
 
 # %% ../nbs/01_checkpoints.ipynb #52abef42
 class CheckpointError(ValueError):
@@ -61,7 +61,8 @@ def to_dtype(x:torch.dtype|str|None # a torch dtype, or 'bf16', 'fp16', 'fp32', 
     raise ValueError(f"dtype: unknown {x!r}; use one of {sorted(_DTYPE_NAMES)}")
 
 # %% ../nbs/01_checkpoints.ipynb #d77561cd
-HUB_PATTERNS = ['*.safetensors', '*.json', '*.jinja', '*.model', '*.tiktoken', '*.txt', 'additional_chat_templates/*']
+HUB_PATTERNS = ['*.safetensors', '*.json', '*.jinja', '*.model', '*.tiktoken', '*.txt', 'additional_chat_templates/*',
+                '*.py']   # remote-code modules (MiniCPM-V, InternVL): copied into outputs, never run here
 BIN_PATTERNS = ['*.bin', '*.bin.index.json', '*.json', '*.jinja', '*.model', '*.tiktoken', '*.txt']
 
 def _looks_local(s:str) -> bool:
@@ -341,6 +342,35 @@ class CheckpointReader:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close(); return False
 
+# %% ../nbs/01_checkpoints.ipynb #47ff4ea1
+_AUTO_MAP_FILES = ('config.json', 'tokenizer_config.json', 'processor_config.json', 'preprocessor_config.json', 'image_processor_config.json')
+
+def remote_code_files(folder:str|os.PathLike # a model folder
+                     ) -> list[str]:
+    "The remote-code `.py` files of a model folder: modules named by `auto_map` in its configs, and their relative imports, recursively."
+    import re
+    folder = Path(folder)
+    todo = []
+    for name in _AUTO_MAP_FILES:
+        p = folder/name
+        if not p.is_file(): continue
+        try: amap = json.loads(p.read_text()).get('auto_map') or {}
+        except (ValueError, OSError, AttributeError): continue
+        for v in amap.values():
+            for ref in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(ref, str) and re.fullmatch(r'\w+(\.\w+)+', ref):   # 'module.Class'; 'repo--module.Class' lives elsewhere
+                    todo.append(ref.rsplit('.', 1)[0].replace('.', '/') + '.py')
+    found = []
+    while todo:
+        f = todo.pop()
+        if f in found or not (folder/f).is_file(): continue
+        found.append(f)
+        base = Path(f).parent
+        for mod in re.findall(r'^\s*(?:from\s+\.(\w[\w.]*)\s+import|import\s+\.(\w[\w.]*))', (folder/f).read_text(errors='replace'), re.M):
+            m = mod[0] or mod[1]
+            todo.append((base/(m.replace('.', '/') + '.py')).as_posix())
+    return sorted(found)
+
 # %% ../nbs/01_checkpoints.ipynb #c8a911b6
 AUX_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'tokenizer.model',
              'special_tokens_map.json', 'added_tokens.json', 'vocab.json', 'merges.txt', 'vocab.txt', 'spiece.model',
@@ -431,12 +461,12 @@ class ShardedWriter:
     def copy_aux(self, src, # folder, Hub id or CheckpointReader to copy from
                  files:Iterable[str]|None=None, # names or glob patterns; default `AUX_FILES` (absent ones skipped)
                 ) -> list[str]:
-        "Copy config, generation config, tokenizer, processor and chat template files from `src`; returns the names copied."
-        folder = src.path if isinstance(src, CheckpointReader) else resolve_model_path(src, allow_patterns=list(AUX_FILES))
+        "Copy config, generation config, tokenizer, processor, chat template and (by default) remote-code files from `src`; returns the names copied."
+        folder = src.path if isinstance(src, CheckpointReader) else resolve_model_path(src, allow_patterns=list(AUX_FILES) + ['*.py'])
         if folder.is_file(): folder = folder.parent
         explicit = files is not None
         copied = []
-        for pat in (AUX_FILES if files is None else files):
+        for pat in (list(AUX_FILES) + remote_code_files(folder) if files is None else files):   # remote code: `auto_map` modules
             hits = sorted(q for q in folder.glob(pat) if q.is_file())
             if explicit and not hits: raise CheckpointError(f'{folder/pat}: no such file to copy')
             for q in hits:

@@ -88,6 +88,7 @@ class PipelineConfig:
     skip_detect: bool = False                   # SKIP_DETECT: no forward pass; existing detections (or shared JSONs) are used
     selection: str = 'mean'                     # 'mean': top ratio of the mean scores; 'intersect': per-sample top ratio, intersected
     preset: str|None = None                     # preset of every entry that names none (else guessed per model)
+    drop_images: bool = False                   # a VLM whose processor cannot read images: detect on its text (warned) instead of stopping
     methods: list = field(default_factory=lambda: ['lora'])
     pca_k: int = 4
     pca_alpha: float = 0.5
@@ -183,6 +184,7 @@ def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
     jpath, spath = detection_paths(root, model, task)
     params = dict(model=model, task=task, sample_size=cfg.sample_size, seed=cfg.seed, lang=cfg.lang,
                   data=str(cfg.corpus_path if task == 'gsm' else cfg.multimodal_file))
+    if cfg.drop_images and task == 'multimodal': params['drop_images'] = True
     what = f'{Path(model).name}/{task}'
     if stage_done(spath, {**params, 'per_sample': True}, Detection.load) or not per_sample and stage_done(spath, params, Detection.load):
         log.append(('detect', what, 'skipped (done)')); return Detection.load(spath), spath
@@ -196,7 +198,7 @@ def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
     t0 = time.time()
     samples = load_detection_samples(task, cfg.corpus_path, cfg.multimodal_file, cfg.lang, cfg.sample_size, cfg.seed)
     det = detect_neurons(model, samples, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=not quiet,
-                         keep_per_sample=per_sample)
+                         keep_per_sample=per_sample, drop_images=cfg.drop_images)
     det.meta.update(task=task); det.save(spath); mark_done(spath, {**params, 'per_sample': True} if per_sample else params)
     log.append(('detect', what, f'{time.time() - t0:.1f}s'))
     return det, spath

@@ -11,10 +11,11 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 # %% auto #0
-__all__ = ['GSM_NAMES', 'GSM_OBJECTS', 'GSM_OPS', 'GEO_KINDS', 'GSM_INSTRUCTION', 'GEO_INSTRUCTION', 'make_gsm',
-           'train_test_split', 'write_gsm_tsv', 'load_gsm', 'draw_figure', 'to_base64', 'make_geometry', 'to_pil',
-           'write_geometry_parquet', 'load_geometry', 'gsm_prompt', 'geometry_prompt', 'extract_gsm_answer',
-           'is_correct_gsm', 'extract_choice', 'is_correct_choice']
+__all__ = ['GSM_NAMES', 'GSM_OBJECTS', 'GSM_OPS', 'GEO_KINDS', 'CHAIN_PREFIX', 'GSM_INSTRUCTION', 'GEO_INSTRUCTION', 'make_gsm',
+           'train_test_split', 'write_gsm_tsv', 'load_gsm', 'draw_figure', 'to_base64', 'make_geometry',
+           'figure_labels', 'geometry_solution', 'text_problem', 'to_pil', 'write_geometry_parquet', 'load_geometry',
+           'gsm_prompt', 'geometry_prompt', 'extract_gsm_answer', 'is_correct_gsm', 'extract_choice',
+           'is_correct_choice']
 
 # %% ../nbs/02_data.ipynb #3becf5b5
 GSM_NAMES = ('Tom', 'Ann', 'Sam', 'Mia', 'Ben', 'Eva', 'Leo', 'Zoe')
@@ -199,14 +200,14 @@ def _geo_one(rng, kind:str) -> tuple[dict, str, int, list, int]:
         if kind == 'perception':
             q = ['width', 'height'][rng.integers(2)]; fg['asked'] = q
             return fg, f'Find the {q} of the rectangle.', fg[q], [h if q == 'width' else w], 1
-        q = ['perimeter', 'area'][rng.integers(2)]; fg['asked'] = q
+        q = 'perimeter' if kind == 'chain' else ['perimeter', 'area'][rng.integers(2)]; fg['asked'] = q
         per, area = 2 * (w + h), w * h
         return fg, f'Find the {q} of the rectangle.', per if q == 'perimeter' else area, \
                ([w + h, area, per + 2] if q == 'perimeter' else [per, w + h, area + w]), 2 if q == 'perimeter' else 1
     if shape == 'square':
         s = L(); fg = dict(shape=shape, side=s)
         if kind == 'perception': fg['asked'] = 'side'; return fg, 'Find the side length of the square.', s, [2 * s], 1
-        q = ['perimeter', 'area'][rng.integers(2)]; fg['asked'] = q
+        q = 'perimeter' if kind == 'chain' else ['perimeter', 'area'][rng.integers(2)]; fg['asked'] = q
         return fg, f'Find the {q} of the square.', 4 * s if q == 'perimeter' else s * s, \
                ([2 * s, s * s, 3 * s] if q == 'perimeter' else [4 * s, 2 * s, s * s + s]), 1
     if shape == 'triangle_angles':
@@ -230,11 +231,12 @@ def _geo_one(rng, kind:str) -> tuple[dict, str, int, list, int]:
     return fg, 'Find the perimeter of the triangle.', a + b + c, [a + b, a + c, b + c], 1
 
 # %% ../nbs/02_data.ipynb #ab00187c
-GEO_KINDS = ('perception', 'reasoning', 'mixed')
+GEO_KINDS = ('perception', 'reasoning', 'mixed', 'chain')
+CHAIN_PREFIX = 'Read the labels, then '   # a chain question: read every label, then compute step by step
 
 def make_geometry(n:int,                 # number of problems
                   seed:int=0,            # seed of the numpy Generator
-                  kind:str='mixed',      # 'perception', 'reasoning', or 'mixed' (each row either, at random)
+                  kind:str='mixed',      # 'perception', 'reasoning', 'mixed' (each row either, at random) or 'chain'
                   size:int=64,           # image side in pixels
                  ) -> pd.DataFrame:
     "Synthetic Geometry3K-style problems: `problem`, `answer` (letter), `choices` (A-D), `images` (one base64 PNG), `kind`, `figure` (JSON)."
@@ -243,11 +245,48 @@ def make_geometry(n:int,                 # number of problems
     for _ in range(n):
         k = kind if kind != 'mixed' else ('perception', 'reasoning')[rng.integers(2)]
         fg, problem, value, pool, step = _geo_one(rng, k)
+        if k == 'chain': problem = CHAIN_PREFIX + problem[0].lower() + problem[1:]
         choices, letter = _choices(rng, value, pool, step)
         fg['value'] = value
         rows.append(dict(problem=problem, answer=letter, choices=choices, images=[_to_b64(draw_figure(fg, size))],
                          kind=k, figure=json.dumps(fg)))
     return pd.DataFrame(rows, columns=['problem', 'answer', 'choices', 'images', 'kind', 'figure'])
+
+# %% ../nbs/02_data.ipynb #c33e4762
+_LABEL_KEYS = ('length', 'side', 'width', 'height', 'left', 'right', 'bottom')
+
+def figure_labels(figure:str|dict, # a row's `figure` JSON (or the dict)
+                 ) -> str:
+    "Every label of a figure with its name, e.g. 'left 60 right 80': what a model that reads the figure writes."
+    f = json.loads(figure) if isinstance(figure, str) else figure
+    return ' '.join(f'{k} {f[k]}' for k in _LABEL_KEYS if k in f)
+
+# %% ../nbs/02_data.ipynb #c2d2cac2
+def _steps(f:dict) -> tuple[list[str], int]:
+    "The arithmetic lines of a chain answer and its result, from the figure's values."
+    s = f['shape']
+    if s == 'triangle_sides':
+        a = f['left'] + f['right']; p = a + f['bottom']
+        return [f"{f['left']} + {f['right']} = {a}", f"{a} + {f['bottom']} = {p}"], p
+    if s == 'triangle_angles':
+        a = f['left'] + f['right']; return [f"{f['left']} + {f['right']} = {a}", f"180 - {a} = {180 - a}"], 180 - a
+    if s == 'rectangle':
+        a = f['width'] + f['height']; return [f"{f['width']} + {f['height']} = {a}", f"{a} * 2 = {2 * a}"], 2 * a
+    if s == 'square': return [f"{f['side']} * 4 = {4 * f['side']}"], 4 * f['side']
+    raise ValueError(f"geometry_solution: no chain question for shape {s!r}")
+
+def geometry_solution(figure:str|dict, # a chain row's `figure` JSON (or the dict)
+                     ) -> str:
+    "The worked answer of a chain question: the labels read, one line per step, then `#### N`."
+    f = json.loads(figure) if isinstance(figure, str) else figure
+    lines, v = _steps(f)
+    return '\n'.join([figure_labels(f)] + lines + [f'#### {v}'])
+
+def text_problem(problem:str,          # a chain row's `problem`
+                 figure:str|dict,      # its `figure` JSON
+                ) -> str:
+    "The chain question with its labels stated in words, for a model without eyes: 'The figure is labelled ... . Read the labels, then ...'."
+    return f'The figure is labelled {figure_labels(figure)}. {problem}'
 
 # %% ../nbs/02_data.ipynb #bf40890b
 def to_pil(x) -> Image.Image:
@@ -381,6 +420,10 @@ def extract_choice(text:str|None,          # the model's output
     m = re.match(rf'^[\(\[]?([{letters}])(?:[\)\]\.:,]|$)', t)
     if m: return m.group(1)
     if choices is not None and len(choices):
+        if '####' in t:   # a worked answer: its final number is the answer, the intermediate ones are not
+            n = extract_gsm_answer(t)
+            hits = [i for i, c in enumerate(choices) if n is not None and _val_eq(n, c)]
+            return 'ABCD'[hits[0]] if hits else None
         nums = re.findall(_NUM, t)
         for n in reversed(nums):
             hits = [i for i, c in enumerate(choices) if _val_eq(n, c)]

@@ -252,7 +252,7 @@ def make_geometry(n:int,                 # number of problems
                          kind=k, figure=json.dumps(fg)))
     return pd.DataFrame(rows, columns=['problem', 'answer', 'choices', 'images', 'kind', 'figure'])
 
-# %% ../nbs/02_data.ipynb #c33e4762
+# %% ../nbs/02_data.ipynb #9fc5749a
 _LABEL_KEYS = ('length', 'side', 'width', 'height', 'left', 'right', 'bottom')
 
 def figure_labels(figure:str|dict, # a row's `figure` JSON (or the dict)
@@ -261,7 +261,7 @@ def figure_labels(figure:str|dict, # a row's `figure` JSON (or the dict)
     f = json.loads(figure) if isinstance(figure, str) else figure
     return ' '.join(f'{k} {f[k]}' for k in _LABEL_KEYS if k in f)
 
-# %% ../nbs/02_data.ipynb #c2d2cac2
+# %% ../nbs/02_data.ipynb #c7aa12a9
 def _steps(f:dict) -> tuple[list[str], int]:
     "The arithmetic lines of a chain answer and its result, from the figure's values."
     s = f['shape']

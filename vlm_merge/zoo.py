@@ -337,13 +337,12 @@ def vision_answer(letter:str, # the gold letter (kept for the signature: the rep
     return str(json.loads(figure)['value'])
 
 READ_PROMPT = 'Read the labels.'
-_LABEL_KEYS = ('length', 'side', 'width', 'height', 'left', 'right', 'bottom')
+from .data import _LABEL_KEYS, figure_labels
 
 def reading_answer(figure:str, # the row's `figure` JSON
                   ) -> str:
-    "Every label of a figure with its name, e.g. 'left 60 right 80': the auxiliary reading task the VLMs also train on."
-    f = json.loads(figure)
-    return ' '.join(f'{k} {f[k]}' for k in _LABEL_KEYS if k in f)
+    "Every label of a figure with its name, e.g. 'left 60 right 80': the auxiliary reading task the VLMs also train on (`vlm_merge.data.figure_labels`)."
+    return figure_labels(figure)
 
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 

@@ -790,12 +790,8 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
 def inspect_cli(argv:list|None=None # arguments after `vlm-merge inspect`
                ) -> int:
     "`vlm-merge inspect PATH [--json] [--limit N]`: a checkpoint's family, head geometry, layers and parsed keys."
-    ap = argparse.ArgumentParser(prog='vlm-merge inspect', description="Show a model's family, head geometry and key layout "
-                                 '(reads config.json and safetensors headers only; no tensor is loaded).')
-    ap.add_argument('path', help='a local save_pretrained folder or a Hub id')
-    ap.add_argument('--json', action='store_true', help='print machine-readable JSON')
-    ap.add_argument('--limit', type=int, default=24, help='how many sample keys to show (default 24)')
-    a = ap.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('inspect', argv)
     try: r = inspect_checkpoint(a.path, a.limit)
     except (FileNotFoundError, ValueError) as e:
         print(f'vlm-merge inspect: error: {e}', file=sys.stderr); return 1

@@ -168,7 +168,7 @@ def _infer_args(p):
     p.add_argument('--device', default='auto', help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument('--dtype', default=None, choices=('bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32'),
                    help='None: bf16/fp16 on GPU, fp32 on CPU')
-    p.add_argument('--out_file', default=None, type=suffix_in('.tsv', '.parquet'), help='.tsv or .parquet file for per-row predictions')
+    p.add_argument('--out_file', default=None, type=suffix_in('.tsv', '.csv', '.parquet'), help='.tsv, .csv or .parquet file for per-row predictions')
     p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
 
 # %% ../nbs/99_cli.ipynb #3bfb85c3

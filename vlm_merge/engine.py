@@ -941,10 +941,10 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
     dt = to_dtype(config.out_dtype or config.dtype)
     if device.startswith('cuda') and not torch.cuda.is_available(): raise MergeConfigError(f'device: {device} requested but CUDA is not available')
     plan = build_plan(config, allow_mismatched_architectures=allow_mismatched_architectures)
-    if not plan.readers[plan.output_model].config:
+    if not plan.readers[plan.output_model].config:   # weights only: no made-up config.json that would not load
         have = [r for r, rd in plan.readers.items() if rd.config]
-        raise MergeRefused(f'{plan.output_model}: the output model has no config.json, so the merged folder would not load; '
-                           + (f'set output_model to one that has ({", ".join(have)})' if have else 'no input has one'))
+        warnings.warn(f'{plan.output_model}: the output model has no config.json, so the output holds weights only'
+                      + (f'; set output_model to one that has one ({", ".join(have)})' if have else ' (no input has one)'), stacklevel=2)
     n_threads = torch.get_num_threads()
     try:
         if config.use_sparsegpt: input_hessians(plan, device=device, progress=progress)   # before the stream, all threads
@@ -964,7 +964,7 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
                 toks = [p.name for p in src.iterdir() if p.name.startswith(('tokenizer', 'special_tokens_map', 'vocab', 'merges'))]
                 if toks: w.copy_aux(src, files=toks)
             if config.chat_template: w.write_text('chat_template.jinja', config.chat_template)
-            w.write_json('config.json', _out_config(plan, dt))
+            if plan.readers[plan.output_model].config: w.write_json('config.json', _out_config(plan, dt))
             w.write_text('README.md', card_text(config, plan))
             w.write_text('mergekit_config.yml', config.to_yaml())
         if config.use_sparsegpt:

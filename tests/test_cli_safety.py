@@ -220,3 +220,12 @@ def test_infer_honest_numbers(tmp_path):
     assert len(df) == zoo_manifest()['data']['spec_sort.tsv']['rows']
     one_error_line(cli('infer', '--model_path', 'base-lm', '--data', empty), 'infer')
     assert files_under(tmp_path) == ['empty.tsv']
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    from vlm_merge.detect import write_neuron_json
+    from vlm_merge.data import _atomic_write
+    m = os.umask(0); os.umask(m)
+    a = write_neuron_json({'attn_q': {'0': [1]}}, tmp_path/'n.json')
+    b = _atomic_write(tmp_path/'p.tsv', lambda t: Path(t).write_text('x\n'))
+    for p in (a, b): assert p.stat().st_mode & 0o777 == 0o666 & ~m, oct(p.stat().st_mode)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ['n.json', 'p.tsv']

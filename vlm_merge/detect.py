@@ -171,8 +171,10 @@ class Detection:
         t = {f'scores.{g}': v.contiguous() for g, v in self.scores.items()}
         if self.sample_scores: t.update({f'sample_scores.{g}': v.contiguous() for g, v in self.sample_scores.items()})
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp'); os.close(fd)
-        m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
-        try: save_file(t, tmp, metadata={'meta': json.dumps(self.meta)}); os.replace(tmp, path)
+        try:
+            save_file(t, tmp, metadata={'meta': json.dumps(self.meta)})
+            m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp): os.remove(tmp)
         return path

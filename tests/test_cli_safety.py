@@ -229,3 +229,14 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     b = _atomic_write(tmp_path/'p.tsv', lambda t: Path(t).write_text('x\n'))
     for p in (a, b): assert p.stat().st_mode & 0o777 == 0o666 & ~m, oct(p.stat().st_mode)
     assert sorted(q.name for q in tmp_path.iterdir()) == ['n.json', 'p.tsv']
+
+def test_neuron_merge_output_is_uploadable_with_a_card_naming_folders(tmp_path):
+    from vlm_merge.neuron_merge import neuron_merge
+    from vlm_merge.hub import plan_upload
+    a = tiny(tmp_path/'a')
+    b = tiny(tmp_path/'b', {'model.layers.0.mlp.down_proj.weight': torch.full((4, 4), 3.0)})
+    out = neuron_merge(a, a, b, {'fwd_down': {'0': [0]}}, tmp_path/'out', method='mean', progress=False)
+    plan = plan_upload(out, 'me/merged', new_card=True)
+    assert '`a` (a local folder)' in plan.card_text and '`b` (a local folder)' in plan.card_text
+    assert str(tmp_path) not in plan.card_text and 'base_model' not in plan.card_text.split('---')[1]
+    assert OUTPUT_MARKER not in [f for f, _ in plan.files]

@@ -23,7 +23,7 @@ __all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX
            'MergeConfigError', 'MergeRefused', 'to_dtype', 'lora_parts', 'safe_yaml', 'InputModel', 'MergeConfig',
            'resolve_setting', 'merged_models', 'tensor_parameters', 'PlanItem', 'MergePlan', 'build_plan', 'RawReader',
            'LoraReader', 'open_input', 'tensor_seed', 'kth_largest_bits', 'stream_task_arithmetic', 'merge_item',
-           'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
+           'is_hub_ref', 'shown_ref', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
 
 # %% ../nbs/09_engine.ipynb #1c7dc585
 class MergeConfigError(ValueError):
@@ -850,6 +850,18 @@ def merge_item(plan:MergePlan, # the plan
         out = torch.cat([out.to('cpu'), R[out_ref].get(it.out_key, it.rows, it.shape[0]).to(dt)])
     return out.to('cpu')
 
+# %% ../nbs/09_engine.ipynb #b1d6422f
+def is_hub_ref(x:str) -> bool:
+    "Whether model reference `x` names a Hub repo: not a local path (existing or path-like) and not a zoo model."
+    from vlm_merge.checkpoints import _zoo_names
+    s = str(x)
+    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists() or s in _zoo_names(): return False
+    return re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', s) is not None
+
+def shown_ref(x:str) -> str:
+    "How a card names model reference `x`: a Hub id as it is, a local folder by its name only (no machine paths)."
+    return str(x) if is_hub_ref(x) else Path(str(x).rstrip('/')).name
+
 # %% ../nbs/09_engine.ipynb #970935a0
 def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
     "The model card's lines on `use_sparsegpt`: settings, whose Hessians, how many tensors by importance and by magnitude."
@@ -879,14 +891,14 @@ def card_text(config:MergeConfig, # the merge
     refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
     ids = list(dict.fromkeys(x for r in refs for x in lora_parts(r) if x))   # a LoRA input: its base and its adapter
     tags = ['merge', 'vlm_merge', config.merge_method] + (['lora'] if any(lora_parts(r)[1] for r in refs) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
-    front = {'base_model': ids, 'tags': tags, 'library_name': 'transformers'}
+    front = {'base_model': [x for x in ids if is_hub_ref(x)], 'tags': tags, 'library_name': 'transformers'}
     lines = ['---', yaml.safe_dump(front, sort_keys=False).strip(), '---', '',
              f'# {config.name or "merged model"}', '',
              f'This model was merged with [vlm_merge](https://github.com/vlm-merge/vlm_merge) using the **{config.merge_method}** method'
-             + (f' with `{config.base_model}` as the base.' if config.base_model else '.'), '', '## Sources', '']
+             + (f' with `{shown_ref(config.base_model)}` as the base.' if config.base_model else '.'), '', '## Sources', '']
     for r in refs:
         base, ad = lora_parts(r)
-        line = f'- `{r}`' if ad is None else f'- `{ad}`: a LoRA adapter folded into `{base}` tensor by tensor'
+        line = f'- `{shown_ref(r)}`' if ad is None else f'- `{shown_ref(ad)}`: a LoRA adapter folded into `{shown_ref(base)}` tensor by tensor'
         rd = plan.readers.get(r) if plan is not None else None
         if isinstance(rd, LoraReader):
             a = rd.adapter
@@ -895,7 +907,7 @@ def card_text(config:MergeConfig, # the merge
         lines.append(line + (' (base)' if r == config.base_model else ''))
     if plan is not None:
         c = plan.counts()
-        lines += ['', f'Output layout, config and non-language tensors from `{plan.output_model}`; '
+        lines += ['', f'Output layout, config and non-language tensors from `{shown_ref(plan.output_model)}`; '
                   f'{c["merge"]} tensors merged, {c["copy"]} copied.']
     if config.use_sparsegpt: lines += ['', '## SparseGPT importance', ''] + _sparsegpt_card(config, plan)
     if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]

@@ -242,7 +242,9 @@ def _plain(o):
 # %% ../nbs/14_hub.ipynb #64928517
 def _is_hub_id(s:str) -> bool:
     s = str(s)
-    if s.startswith(('/', '.', '~')) or '\\' in s or Path(s).expanduser().exists(): return False
+    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists(): return False
+    from vlm_merge.checkpoints import _zoo_names
+    if s in _zoo_names(): return False
     try: validate_repo_id(s); return True
     except HFValidationError: return False
 
@@ -332,6 +334,11 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
         d = _as_dict(folder_or_config)
         if _is_merge_config(d): merge_cfg = d
         else: cfg = cfg or d
+    if merge_cfg is None and folder is not None and (folder/'neuron_merge.json').exists():   # a neuron-merge output
+        nm = json.loads((folder/'neuron_merge.json').read_text())
+        sources = sources if sources is not None else list(dict.fromkeys(str(nm[k]) for k in ('base', 'model_a', 'model_b') if nm.get(k)))
+        method = method or f"neuron merge ({nm.get('method', 'lora')})"
+        parameters = parameters if parameters is not None else {k: v for k, v in nm.items() if k not in ('base', 'model_a', 'model_b', 'neurons')}
     if merge_cfg is not None:
         sources = sources if sources is not None else sources_of(merge_cfg)
         method = method or merge_cfg.get('merge_method')
@@ -359,7 +366,7 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
     data = ModelCardData(base_model=hub_sources or None, tags=all_tags, library_name='transformers',
                          pipeline_tag=pipeline_tag, license=lic, datasets=datasets, language=language, model_name=None)
     cites = citations_for(method)
-    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{s}` (a local folder)'
+    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
                        for s in sources)
     refs = [c for c in cites if c['key'] != 'vlm_merge']
     method_refs = (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"

@@ -764,7 +764,7 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
     p = Path(path)
     if not p.exists():   # a zoo model by name, else the Hub (not at all when offline)
         from vlm_merge.checkpoints import zoo_model_path, _zoo_names, _looks_local
-        if _looks_local(str(path)): raise FileNotFoundError(f'{path}: no such file or folder')
+        if _looks_local(str(path)): raise FileNotFoundError(f'{path}: no such folder (and not a Hub id)')
         p = zoo_model_path(str(path)) or p
         if not p.exists():
             from huggingface_hub import constants

@@ -83,7 +83,7 @@ def test_tied_llama_keeps_what_it_is_given(tmp_path):
     r = CheckpointReader(tmp_path/'tied')
     assert r.tie_word_embeddings and 'lm_head.weight' not in r
     out = reshard(r, tmp_path/'copy', progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'generation_config.json', 'model.safetensors']
+    assert sorted(p.name for p in out.iterdir()) == ['.vlm_merge_output', 'config.json', 'generation_config.json', 'model.safetensors']
     assert set(load_file(out/'model.safetensors')) == set(r.keys())
     from transformers import LlamaForCausalLM
     back = LlamaForCausalLM.from_pretrained(out).eval()

@@ -85,7 +85,7 @@ def test_text_llm_card_and_local_sources(tmp_path):
     card = hub.make_model_card(d, sources=[LLM_ID, local_src], method='task_arithmetic', parameters={'lambda': 0.7})
     assert card.data.pipeline_tag == 'text-generation'
     assert card.data.base_model == [LLM_ID]                      # local folders are not Hub ids
-    assert f'`{local_src}` (a local folder)' in card.text
+    assert f'`{Path(local_src).name}` (a local folder)' in card.text and local_src not in card.text
     assert 'AutoModelForCausalLM' in card.text and 'AutoTokenizer' in card.text
     assert '## Evaluation' not in card.text                      # no scores, no table
     assert card.data.license is None and 'No licence is stated' in card.text
@@ -304,7 +304,7 @@ def test_card_from_an_engine_output_folder(tmp_path, offline_env):
     card = hub.make_model_card(out, repo_id='me/linear-merge')
     assert card.data.tags == ['merge', 'vlm_merge', 'linear'] and card.data.pipeline_tag == 'text-generation'
     assert card.data.base_model is None                          # both sources are local folders
-    assert 'arXiv:2203.05482' in card.text and all(f'`{s}` (a local folder)' in card.text for s in srcs)
+    assert 'arXiv:2203.05482' in card.text and all(f'`{Path(s).name}` (a local folder)' in card.text for s in srcs)
     # the engine's own minimal README is kept unless --new-card; with it the dry run shows the rich card
     r = subprocess.run([sys.executable, '-m', 'vlm_merge.cli', 'upload', str(out), 'me/linear-merge', '--dry-run', '--new-card'],
                        env=offline_env, capture_output=True, text=True, timeout=120)

@@ -102,12 +102,12 @@ def test_specialist_beats_others_on_own_task():
         assert own > MAN['models']['reason-lm']['accuracy'][s]['accuracy'], s
 
 def test_cli_info(capsys):
-    assert zoo_cli(['info']) == 0
+    assert zoo_cli(['info', '--json']) == 0
     info = json.loads(capsys.readouterr().out)
     assert Path(info['root']) == zoo_dir() and set(info['models']) == set(ZOO_MODELS)
 
 def test_cli_info_subprocess():
-    r = subprocess.run([sys.executable, '-m', 'vlm_merge.cli', 'zoo', 'info'], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, '-m', 'vlm_merge.cli', 'zoo', 'info', '--json'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)['models']['vlm-llava']['class'] == MAN['models']['vlm-llava']['class']
 

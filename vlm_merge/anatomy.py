@@ -710,6 +710,11 @@ def list_checkpoint_keys(path, # a save_pretrained folder (or one .safetensors f
         if idx.exists():
             try: wm = json.loads(idx.read_text())['weight_map']
             except (json.JSONDecodeError, KeyError) as e: raise ValueError(f"{idx}: not a safetensors index ({e})") from None
+            root = path.resolve()
+            for k, v in wm.items():   # shards must lie inside the folder: no '..', absolute paths or links out of it
+                f = (path / v).resolve() if isinstance(v, str) and not Path(v).is_absolute() else None
+                if f is None or root not in f.parents:
+                    raise ValueError(f"{idx}: tensor '{k}' is mapped to {v!r}, outside the model folder")
             if not with_shapes: return list(wm)
             files = [path / f for f in dict.fromkeys(wm.values())]
             missing = [str(f) for f in files if not f.exists()]
@@ -757,6 +762,15 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
                       ) -> dict:
     "Family, head geometry, layer count, layout and sample parsed keys of a checkpoint (no tensor is loaded)."
     p = Path(path)
+    if not p.exists():   # a zoo model by name, else the Hub (not at all when offline)
+        from vlm_merge.checkpoints import zoo_model_path, _zoo_names, _looks_local
+        if _looks_local(str(path)): raise FileNotFoundError(f'{path}: no such folder (and not a Hub id)')
+        p = zoo_model_path(str(path)) or p
+        if not p.exists():
+            from huggingface_hub import constants
+            where = f"'{path}' is not a local folder or a zoo model ({', '.join(_zoo_names())})"
+            if constants.HF_HUB_OFFLINE: raise ValueError(f'{where}, and the Hub is off (HF_HUB_OFFLINE=1)')
+            print(f'vlm_merge: {where}; trying the Hugging Face Hub', file=sys.stderr)
     if p.exists():
         cfg = _read_config(p) if p.is_dir() and (p / 'config.json').exists() else None
         shapes = list_checkpoint_keys(p, with_shapes=True)
@@ -790,12 +804,8 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
 def inspect_cli(argv:list|None=None # arguments after `vlm-merge inspect`
                ) -> int:
     "`vlm-merge inspect PATH [--json] [--limit N]`: a checkpoint's family, head geometry, layers and parsed keys."
-    ap = argparse.ArgumentParser(prog='vlm-merge inspect', description="Show a model's family, head geometry and key layout "
-                                 '(reads config.json and safetensors headers only; no tensor is loaded).')
-    ap.add_argument('path', help='a local save_pretrained folder or a Hub id')
-    ap.add_argument('--json', action='store_true', help='print machine-readable JSON')
-    ap.add_argument('--limit', type=int, default=24, help='how many sample keys to show (default 24)')
-    a = ap.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('inspect', argv)
     try: r = inspect_checkpoint(a.path, a.limit)
     except (FileNotFoundError, ValueError) as e:
         print(f'vlm-merge inspect: error: {e}', file=sys.stderr); return 1

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_checkpoints.ipynb #fa3c3737
 from __future__ import annotations
-import difflib, fnmatch, json, math, os, shutil, struct, sys, uuid
+import difflib, fnmatch, json, math, os, re, shutil, struct, sys, uuid, warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 import torch
@@ -12,9 +12,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'AUX_FILES', 'CheckpointError', 'MissingTensorError', 'parse_size', 'to_dtype',
-           'resolve_model_path', 'read_safetensors_header', 'save_safetensors', 'CheckpointReader', 'remote_code_files',
-           'ShardedWriter', 'reshard', 'rss_bytes']
+__all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'OUTPUT_MARKER', 'AUX_FILES', 'CheckpointError', 'MissingTensorError', 'parse_size',
+           'to_dtype', 'zoo_model_path', 'resolve_model_path', 'read_safetensors_header', 'save_safetensors',
+           'CheckpointReader', 'remote_code_files', 'stale_temporaries', 'ShardedWriter', 'reshard', 'rss_bytes']
 
 # %% ../nbs/01_checkpoints.ipynb #52abef42
 class CheckpointError(ValueError):
@@ -60,6 +60,24 @@ def to_dtype(x:torch.dtype|str|None # a torch dtype, or 'bf16', 'fp16', 'fp32', 
     if s in _DTYPE_NAMES: return _DTYPE_NAMES[s]
     raise ValueError(f"dtype: unknown {x!r}; use one of {sorted(_DTYPE_NAMES)}")
 
+# %% ../nbs/01_checkpoints.ipynb #de372ff7
+def _zoo_names() -> list:
+    try:
+        from vlm_merge.zoo import zoo_manifest
+        return list(zoo_manifest()['models'])
+    except Exception: return []
+
+def zoo_model_path(name:str # 'NAME' or 'zoo:NAME', NAME a model of the zoo (`vlm-merge zoo info`)
+                  ) -> Path|None:
+    "The folder of zoo model `name`, or None when `name` names no zoo model ('zoo:' with an unknown name is an error)."
+    s = str(name); explicit = s.startswith('zoo:')
+    n = s[4:] if explicit else s
+    if not explicit and ('/' in n or n not in _zoo_names()): return None
+    from vlm_merge.zoo import zoo_path
+    try: return zoo_path(n)
+    except (KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{s}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+
 # %% ../nbs/01_checkpoints.ipynb #d77561cd
 HUB_PATTERNS = ['*.safetensors', '*.json', '*.jinja', '*.model', '*.tiktoken', '*.txt', 'additional_chat_templates/*',
                 '*.py']   # remote-code modules (MiniCPM-V, InternVL): copied into outputs, never run here
@@ -74,18 +92,24 @@ def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or 
                        allow_bin:bool=False, # also fetch legacy `.bin` weights when a repo has no safetensors
                        local_files_only:bool=False, # never touch the network, use the Hub cache only
                       ) -> Path:
-    "A local path for `path_or_id`: the folder (or file) itself, or a Hub snapshot in the local cache."
+    "A local path for `path_or_id`: the folder (or file) itself, a zoo model (`NAME` or `zoo:NAME`), or a Hub snapshot in the local cache."
     p = Path(path_or_id).expanduser()
     if p.exists(): return p.absolute()
     s = str(path_or_id)
+    z = zoo_model_path(s)
+    if z is not None: return z
     if _looks_local(s): raise CheckpointError(f'{s}: no such file or folder')
     from huggingface_hub import snapshot_download, constants
+    offline = bool(constants.HF_HUB_OFFLINE)
+    names = ', '.join(_zoo_names())
+    print(f"vlm_merge: '{s}' is not a local folder or a zoo model ({names}); trying the Hugging Face Hub"
+          + (' cache (offline: HF_HUB_OFFLINE=1)' if offline else ''), file=sys.stderr)
     def _get(pats):
-        try: return Path(snapshot_download(s, revision=revision, allow_patterns=pats, local_files_only=local_files_only))
+        try: return Path(snapshot_download(s, revision=revision, allow_patterns=pats, local_files_only=local_files_only or offline))
         except Exception as e:
-            how = ' (offline: HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else ' (local_files_only)' if local_files_only else ''
-            raise CheckpointError(f"'{s}' is not a local folder and could not be fetched from the Hugging Face Hub{how}: "
-                                  f'{type(e).__name__}: {e}') from e
+            how = ' (offline: HF_HUB_OFFLINE=1)' if offline else ' (local_files_only)' if local_files_only else ''
+            raise CheckpointError(f"'{s}' is not a local folder or a zoo model ({names}) and could not be fetched from the "
+                                  f'Hugging Face Hub{how}: {type(e).__name__}: {e}') from e
     path = _get(list(allow_patterns or HUB_PATTERNS))
     if allow_bin and allow_patterns is None and not any(path.glob('*.safetensors')): path = _get(BIN_PATTERNS)
     return path
@@ -113,7 +137,7 @@ def read_safetensors_header(path:str|os.PathLike # a .safetensors file
         raise CheckpointError(f'{path}: corrupt safetensors header: not valid JSON ({e})') from None
     if not isinstance(hdr, dict): raise CheckpointError(f'{path}: corrupt safetensors header: not a JSON object')
     meta = hdr.pop('__metadata__', None) or {}
-    data_len, infos, end = size - 8 - n, {}, 0
+    data_len, infos, end, spans = size - 8 - n, {}, 0, []
     for name, v in hdr.items():
         try: st, shape, (b, e) = v['dtype'], tuple(int(d) for d in v['shape']), v['data_offsets']
         except (TypeError, KeyError, ValueError): raise CheckpointError(f"{path}: corrupt safetensors header: tensor '{name}' has a malformed entry {v!r}") from None
@@ -124,6 +148,12 @@ def read_safetensors_header(path:str|os.PathLike # a .safetensors file
             raise CheckpointError(f"{path}: corrupt or truncated file: tensor '{name}' ({st} {list(shape)}, {nbytes} bytes) "
                                   f'is declared at bytes [{b}, {e}) but the file holds {data_len} bytes of data')
         infos[name], end = (dt, shape), max(end, e)
+        spans.append((b, e, name))
+    at = 0
+    for b, e, name in sorted(spans):   # as safetensors itself checks: tensors tile the data, no overlap, no gap
+        if b != at: raise CheckpointError(f"{path}: corrupt safetensors header: tensor '{name}' starts at byte {b} of the data, "
+                                          f"expected {at} ({'overlaps the previous tensor' if b < at else 'a gap before it'})")
+        at = e
     if end != data_len:
         raise CheckpointError(f'{path}: corrupt file: the header accounts for {end} bytes of data, the file holds {data_len}')
     return infos, meta
@@ -208,7 +238,14 @@ class CheckpointReader:
         idx = _read_json(self.index_file)
         wm = idx.get('weight_map') if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm: raise CheckpointError(f"{self.index_file}: no 'weight_map' in the index")
-        out = {k: self.index_file.parent/v for k, v in wm.items()}
+        root = self.index_file.parent.resolve()
+        out = {}
+        for k, v in wm.items():
+            f = self.index_file.parent/v if isinstance(v, str) else None
+            if f is None or Path(v).is_absolute() or '..' in Path(v).parts or not (f.resolve() == root or root in f.resolve().parents):
+                raise CheckpointError(f"{self.index_file}: tensor '{k}' is mapped to {v!r}, outside the model folder; "
+                                      'an index may name only shard files inside its own folder')
+            out[k] = f
         missing = {}
         for k, f in out.items():
             if not f.exists(): missing.setdefault(f, []).append(k)
@@ -371,6 +408,33 @@ def remote_code_files(folder:str|os.PathLike # a model folder
             todo.append((base/(m.replace('.', '/') + '.py')).as_posix())
     return sorted(found)
 
+# %% ../nbs/01_checkpoints.ipynb #efe1de8b
+OUTPUT_MARKER = '.vlm_merge_output'   # in every folder ShardedWriter writes: what `overwrite=True` may replace
+
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError): return True
+    return True
+
+def stale_temporaries(out_dir:str|os.PathLike # an output folder
+                     ) -> list[Path]:
+    "Remove the temporary siblings of `out_dir` left by a killed run (their process is gone); warn about the ones kept."
+    o = Path(out_dir).expanduser().absolute(); removed = []
+    if not o.parent.is_dir(): return removed
+    pat = re.compile(rf'\.{re.escape(o.name)}\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{{8}}')
+    for q in sorted(o.parent.iterdir()):
+        m = pat.fullmatch(q.name)
+        if not m or not q.is_dir() or q.is_symlink(): continue
+        kind, pid = m.group(1), (int(m.group(2)) if m.group(2) else None)
+        if pid is not None and _alive(pid): continue                           # another run is writing it
+        if pid is None or (kind == 'old' and not o.exists()):                   # unknown owner, or the only copy of an output
+            warnings.warn(f'{q}: a temporary folder left by an interrupted run; delete it yourself if no other run is writing {o.name}')
+            continue
+        shutil.rmtree(q, ignore_errors=True); removed.append(q)
+        warnings.warn(f'{q}: removed a temporary folder left by an interrupted run (process {pid} is gone)')
+    return removed
+
 # %% ../nbs/01_checkpoints.ipynb #c8a911b6
 AUX_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'tokenizer.model',
              'special_tokens_map.json', 'added_tokens.json', 'vocab.json', 'merges.txt', 'vocab.txt', 'spiece.model',
@@ -404,7 +468,8 @@ class ShardedWriter:
                                       'choose another folder (inputs are never overwritten)')
         self._check_target()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.parent/f'.{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}'
+        stale_temporaries(self.out_dir)
+        self.tmp_dir = self.out_dir.parent/f'.{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
         self.tmp_dir.mkdir()
         self._shard, self._shard_bytes, self._ptrs = {}, 0, set()
         self._shards, self._key_shard, self._written = [], {}, set()
@@ -413,8 +478,14 @@ class ShardedWriter:
     def _check_target(self):
         o = self.out_dir
         if o.is_symlink() or (o.exists() and not o.is_dir()): raise CheckpointError(f'{o}: exists and is not a folder')
-        if o.is_dir() and any(o.iterdir()) and not self.overwrite:
-            raise CheckpointError(f'{o}: the output folder exists and is not empty; pass overwrite=True to replace it')
+        cwd = Path.cwd().resolve()
+        if o.exists() and (o.resolve() == cwd or o.resolve() in cwd.parents):
+            raise CheckpointError(f'{o}: is the current folder (or holds it); choose an output folder of its own')
+        if o.is_dir() and any(o.iterdir()):
+            if not self.overwrite: raise CheckpointError(f'{o}: the output folder exists and is not empty; pass overwrite=True to replace it')
+            if not (o/OUTPUT_MARKER).exists():
+                raise CheckpointError(f'{o}: not empty and not a vlm_merge output (no {OUTPUT_MARKER} file); refusing to replace it '
+                                      'even with overwrite=True: choose another folder, or empty it yourself')
 
     def __repr__(self): return f'{type(self).__name__}({str(self.out_dir)!r}, {self.state}, {len(self._key_shard)} tensors)'
 
@@ -484,6 +555,7 @@ class ShardedWriter:
             n = len(self._shards)
             names = ['model.safetensors'] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
             for f, name in zip(self._shards, names): os.replace(f, self.tmp_dir/name)
+            (self.tmp_dir/OUTPUT_MARKER).write_text('written by vlm_merge; `--overwrite` may replace this folder\n')
             self.weight_map = {k: names[i] for k, i in sorted(self._key_shard.items())}
             if n > 1:
                 idx = {'metadata': {'total_size': self.total_size, 'total_parameters': self.total_parameters}, 'weight_map': self.weight_map}
@@ -499,7 +571,7 @@ class ShardedWriter:
         self._check_target()               # nothing may have appeared there while we wrote
         if o.is_dir() and not any(o.iterdir()): o.rmdir()
         if not o.exists(): os.replace(self.tmp_dir, o); return
-        old = o.parent/f'.{o.name}.old-{uuid.uuid4().hex[:8]}'
+        old = o.parent/f'.{o.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}'
         os.replace(o, old)
         try: os.replace(self.tmp_dir, o)
         except BaseException: os.replace(old, o); raise

@@ -4,10 +4,12 @@
 
 # %% ../nbs/99_cli.ipynb #32f94b07
 from __future__ import annotations
-import argparse, importlib, importlib.util, sys
+import argparse, importlib, importlib.util, os, re, sys, traceback
 
 # %% auto #0
-__all__ = ['COMMANDS', 'available_commands', 'main']
+__all__ = ['COMMANDS', 'FLAG_WORDS', 'MODEL', 'TRUST', 'PARSERS', 'available_commands', 'main', 'CliError', 'cli_words',
+           'error_line', 'debug_wanted', 'run_command', 'HelpFormatter', 'positive_int', 'fraction', 'suffix_in',
+           'parser_for', 'parse_args']
 
 # %% ../nbs/99_cli.ipynb #68c1c9e1
 COMMANDS = {
@@ -17,7 +19,7 @@ COMMANDS = {
     'merge':        ('vlm_merge.engine:merge_cli',         'streaming merge from a mergekit-compatible YAML config'),
     'detect':       ('vlm_merge.detect:detect_cli',        'detect the key neurons of a model on text or image+text data'),
     'shared':       ('vlm_merge.shared:shared_cli',        'shared neurons between two detections'),
-    'neuron-merge': ('vlm_merge.neuron_merge:neuron_merge_cli', 'merge only the shared neurons (mean, lora, pca)'),
+    'neuron-merge': ('vlm_merge.neuron_merge:neuron_merge_cli', 'merge only the shared neurons (mean, lora, lora_rows, pca)'),
     'run':          ('vlm_merge.pipeline:run_cli',         'run detection -> shared -> merge -> evaluation from one config'),
     'demo':         ('vlm_merge.pipeline:demo_cli',        'the main job on the built-in zoo'),
     'upload':       ('vlm_merge.hub:upload_cli',           'upload a merged folder to the Hugging Face Hub with a model card'),
@@ -52,8 +54,246 @@ def main(argv:list|None=None # arguments after the program name; `sys.argv[1:]` 
     if argv[0] in ('-V', '--version'):
         from vlm_merge import __version__; print(__version__); return 0
     ns = p.parse_args(argv[:1])
-    res = _resolve(ns.command)(argv[1:])
-    return int(res or 0)
+    return run_command(ns.command, argv[1:])
+
+# %% ../nbs/99_cli.ipynb #6214754f
+class CliError(ValueError):
+    "A bad command line; the message names the flag as it is typed (`--limit`, not `limit=`)."
+
+# %% ../nbs/99_cli.ipynb #040d8dbd
+FLAG_WORDS = {'overwrite': '--overwrite', 'allow_mismatched_architectures': '--allow-mismatched-architectures',
+              'trust_remote_code': '--trust-remote-code', 'dry_run': '--dry-run', 'new_card': '--new-card', 'allow_bin': '--allow-bin'}
+
+def cli_words(msg:str # an error message written for the Python API
+             ) -> str:
+    "`msg` on one line, with `name=True` parameters spelt as the flags that set them."
+    msg = ' '.join(str(msg).split())
+    return re.sub(r'\b([a-z_]+)=True\b', lambda m: FLAG_WORDS.get(m.group(1), m.group(0)), msg)
+
+# %% ../nbs/99_cli.ipynb #600fa11e
+def error_line(command:str, # the subcommand, e.g. 'merge'
+               e:BaseException # what went wrong
+              ) -> str:
+    "The one line that reports `e`: known errors by their message, unexpected ones by their type too."
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+    msg = cli_words(str(msg))
+    if isinstance(e, KeyboardInterrupt): msg = 'interrupted'
+    elif not isinstance(e, (ValueError, KeyError, OSError, ImportError)) or not msg:
+        msg = f'{type(e).__name__}: {msg}'.rstrip(': ') + ' (run with --debug for the traceback)'
+    return f'vlm-merge {command}: error: {msg}'
+
+def debug_wanted(argv:list) -> bool:
+    "Whether `--debug` is among `argv` or `VLM_MERGE_DEBUG` is set to something other than '' or '0'."
+    return '--debug' in argv or os.environ.get('VLM_MERGE_DEBUG', '') not in ('', '0')
+
+# %% ../nbs/99_cli.ipynb #01ec3507
+def run_command(command:str, # a key of `COMMANDS`
+                argv:list # the arguments after the command
+               ) -> int:
+    "Parse `argv` (help and usage errors before any heavy import), run the command, and turn any failure into one line."
+    debug = debug_wanted(argv)
+    try:
+        if command in PARSERS: parse_args(command, argv)   # --help, bad values: answered before torch is imported
+        return int(_resolve(command)(argv) or 0)
+    except SystemExit: raise
+    except BaseException as e:   # KeyboardInterrupt too: one line, no traceback unless asked
+        if debug: traceback.print_exc()
+        print(error_line(command, e), file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+# %% ../nbs/99_cli.ipynb #59cd3f53
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    "Defaults shown after each option's help; descriptions keep their line breaks."
+
+def positive_int(s:str) -> int:
+    "An integer > 0 (argparse type)."
+    try: n = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}') from None
+    if n <= 0: raise argparse.ArgumentTypeError(f'must be a positive integer, got {n}')
+    return n
+
+def fraction(s:str) -> float:
+    "A number in (0, 1] (argparse type)."
+    try: x = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'expected a number in (0, 1], got {s!r}') from None
+    if not 0 < x <= 1: raise argparse.ArgumentTypeError(f'must be in (0, 1], got {x}')
+    return x
+
+def suffix_in(*suffixes:str):
+    "An argparse type accepting a file name with one of `suffixes`."
+    def f(s:str) -> str:
+        if not s.lower().endswith(suffixes): raise argparse.ArgumentTypeError(f'{s!r}: must end with {" or ".join(suffixes)}')
+        return s
+    f.__name__ = 'file name'
+    return f
+
+# %% ../nbs/99_cli.ipynb #631af4f4
+MODEL = 'a local folder, a zoo model by name (NAME or zoo:NAME; see `vlm-merge zoo info`), or a Hub id'
+TRUST = ('run the Python files named by the model folder\'s auto_map (needed by some Hub models); '
+         'off by default: only for models you trust')
+
+def _inspect_args(p):
+    p.description = "Show a model's family, head geometry and key layout (reads config.json and safetensors headers only)."
+    p.add_argument('path', help=MODEL)
+    p.add_argument('--json', action='store_true', help='print machine-readable JSON')
+    p.add_argument('--limit', type=positive_int, default=24, help='how many sample keys to show')
+
+def _zoo_args(p):
+    p.description = 'Build or describe the zoo of tiny trained models.'
+    sub = p.add_subparsers(dest='cmd', required=True, metavar='{info,build}')
+    i = sub.add_parser('info', help='where the zoo lives, its models and data', formatter_class=HelpFormatter)
+    i.add_argument('--json', action='store_true', help='print the whole manifest as JSON')
+    b = sub.add_parser('build', help='train the zoo on CPU (minutes) and write it', formatter_class=HelpFormatter)
+    b.add_argument('--out', default=None, help='output folder (None: ~/.cache/vlm_merge/zoo)')
+    b.add_argument('--seed', type=int, default=0, help='seed of data, initialisation and batch order')
+    b.add_argument('--workers', type=positive_int, default=2, help='training processes (results do not depend on it)')
+    b.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+
+# %% ../nbs/99_cli.ipynb #e8b78669
+def _infer_args(p):
+    p.description = 'Batched GSM / Geometry3K inference with accuracy.'
+    p.add_argument('--task', choices=('gsm', 'gsm_mm', 'multimodal'), default='gsm',
+                   help='gsm: text model; gsm_mm: VLM on text; multimodal: figure problems')
+    p.add_argument('--backend', default=None, help='llama3, llava, idefics3, qwen2_5_vl, ... (None: from config.model_type)')
+    p.add_argument('--model_path', required=True, help=MODEL)
+    p.add_argument('--lang', default='en', help='GSM language: reads mgsm_{lang}.tsv')
+    p.add_argument('--data', default=None, help="TSV / parquet / folder / Hub id (None: the zoo's data for a zoo model, "
+                   'else mgsm_{lang}.tsv here or Geometry3K)')
+    p.add_argument('--limit', type=positive_int, default=None, help='score the first N rows only (None: all)')
+    p.add_argument('--batch_size', type=positive_int, default=16, help='prompts per generate call')
+    p.add_argument('--max_new_tokens', type=positive_int, default=256, help='tokens generated per answer')
+    p.add_argument('--do_sample', action='store_true', help='sample instead of greedy decoding')
+    p.add_argument('--temperature', type=float, default=0.0, help='sampling temperature (with --do_sample)')
+    p.add_argument('--seed', type=int, default=None, help='sampling seed')
+    p.add_argument('--device', default='auto', help="'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument('--dtype', default=None, choices=('bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32'),
+                   help='None: bf16/fp16 on GPU, fp32 on CPU')
+    p.add_argument('--out_file', default=None, type=suffix_in('.tsv', '.csv', '.parquet'), help='.tsv, .csv or .parquet file for per-row predictions')
+    p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
+
+# %% ../nbs/99_cli.ipynb #3bfb85c3
+def _merge_args(p):
+    p.description = 'Streaming merge from a mergekit-compatible YAML config.'
+    p.add_argument('config', help='YAML config (mergekit keys plus vlm_merge keys); models may be zoo names')
+    p.add_argument('out_dir', help='output folder (a Hugging Face model folder)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda: where the arithmetic runs')
+    p.add_argument('--shard-size', default='5GB', help='largest output shard, e.g. 5GB, 500MB')
+    p.add_argument('--seed', type=int, default=None, help="seed of random methods (None: the config's, else 0)")
+    p.add_argument('--overwrite', action='store_true', help='replace OUT_DIR if it is a vlm_merge output or empty (never an input)')
+    p.add_argument('--allow-mismatched-architectures', action='store_true', default=None,
+                   help='merge models whose text architectures differ (shapes must still match)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads while merging (0: torch default); 1 is fastest for the streaming kernel')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+# %% ../nbs/99_cli.ipynb #3b48db31
+def _detect_args(p):
+    p.description = 'Detect the key neurons of --base and write the neuron JSON and raw scores.'
+    p.add_argument('--base', required=True, help=MODEL)
+    p.add_argument('--task', choices=['gsm', 'multimodal'], default='gsm', help='which data the neurons are detected on')
+    p.add_argument('--corpus_path', help="gsm: folder with llama3ds_math.tsv, or a TSV file (None: the zoo's for a zoo model)")
+    p.add_argument('--multimodal_file', help="multimodal: parquet with problem, answer, images (None: the zoo's for a zoo model)")
+    p.add_argument('--lang', default='en', help='language of the GSM corpus')
+    p.add_argument('--sample_size', type=positive_int, default=100, help='samples used')
+    p.add_argument('--seed', type=int, default=0, help='subsample seed')
+    p.add_argument('--atten_ratio', type=fraction, default=0.3, help='share of attention neurons kept, in (0, 1]')
+    p.add_argument('--ffn_ratio', type=fraction, default=0.3, help='share of feed-forward neurons kept, in (0, 1]')
+    p.add_argument('--mode', choices=['aggregate', 'intersect'], default='aggregate',
+                   help="aggregate: top ratio of pooled scores; intersect: each sample's top ratio, intersected over samples")
+    p.add_argument('--output_path', required=True, help='folder for the neuron JSON and the scores')
+    p.add_argument('--batch_size', type=positive_int, default=4, help='samples per forward pass')
+    p.add_argument('--max_length', type=positive_int, default=None, help='truncate samples to this many tokens (None: no limit)')
+    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', ...")
+    p.add_argument('--dtype', default='auto', help="'auto', 'fp32', 'bf16', 'fp16'")
+    p.add_argument('--from_scores', action='store_true', help='re-select from saved scores (no forward pass)')
+    p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
+
+def _shared_args(p):
+    p.description = 'Shared neurons between two detections, with per-layer statistics and a heat map.'
+    p.add_argument('json_a', help='neuron JSON of model A (e.g. the VLM on image problems)')
+    p.add_argument('json_b', help='neuron JSON of model B (e.g. the reasoning LLM on GSM)')
+    p.add_argument('--model_a', help="A's model (validates indices, maps k/v heads): " + MODEL)
+    p.add_argument('--model_b', help="B's model, as --model_a")
+    p.add_argument('--op', choices=('intersection', 'union', 'difference'), default='intersection', help='how the two sets combine')
+    p.add_argument('--kv', choices=['detected', 'from_q'], default='detected', help='k/v neurons as detected, or derived from q')
+    p.add_argument('--output_path', default='.', help='folder for the outputs')
+    p.add_argument('--name', default='shared_VL_reasoning.json', help='file name of the shared-neuron JSON')
+    p.add_argument('--no_plot', action='store_true', help='no heat map')
+
+# %% ../nbs/99_cli.ipynb #225d125a
+def _neuron_merge_args(p):
+    p.description = 'Merge only the shared neurons of model A and model B into the base.'
+    p.add_argument('--base', required=True, help='the model merged into: ' + MODEL)
+    p.add_argument('--model_a', required=True, help='model A (usually the base itself)')
+    p.add_argument('--model_b', required=True, help='model B, whose neurons are brought in')
+    p.add_argument('--json', required=True, help='shared-neuron JSON (from vlm-merge shared)')
+    p.add_argument('--output_dir', required=True, help='output folder')
+    p.add_argument('--merge_method', default='lora', help='a rule of vlm_merge.neuron_merge.MERGE_RULES: lora (seed 000: low-rank delta of the full matrix), lora_rows, mean, pca')
+    p.add_argument('--lora_rank', type=positive_int, default=4, help='rank of the lora rule')
+    p.add_argument('--lora_beta', type=float, default=0.5, help='weight of the low-rank update')
+    p.add_argument('--pca_k', type=positive_int, default=4, help='components of the pca rule')
+    p.add_argument('--pca_alpha', type=float, default=0.5, help='weight of the pca update')
+    p.add_argument('--dtype', default=None, help='float16, bfloat16, float32 (None: keep the base dtype)')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', or 'auto'")
+    p.add_argument('--shard_size', default='5GB', help='largest output shard')
+    p.add_argument('--overwrite', action='store_true', help='replace OUT_DIR if it is a vlm_merge output or empty (never an input)')
+
+# %% ../nbs/99_cli.ipynb #72f415b4
+def _run_args(p):
+    p.description = 'Detection -> shared -> merge -> evaluation for every model of a YAML config.'
+    p.add_argument('config', help='YAML config (see the pipeline notebook); models may be zoo names')
+    p.add_argument('--neuron_base', help='overrides the config and NEURON_BASE')
+    p.add_argument('--output_base', help='overrides the config and OUTPUT_BASE')
+    p.add_argument('--corpus_path', help='overrides the config and CORPUS_PATH')
+    p.add_argument('--multimodal_file', help='overrides the config and MULTIMODAL_FILE')
+    p.add_argument('--sample_size', type=positive_int, help='overrides the config and SAMPLE_SIZE')
+    p.add_argument('--skip_detect', action='store_true', default=None, help='as SKIP_DETECT=1: detections must exist')
+    p.add_argument('--device', help="overrides the config: 'auto', 'cpu', 'cuda'")
+    p.add_argument('--quiet', action='store_true', help='no progress output')
+    p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
+
+def _demo_args(p):
+    p.description = 'Detection, shared neurons, lora and mean merges and evaluation on the built-in zoo.'
+    p.add_argument('--out', default='./vlm_merge_demo', help='output folder')
+    p.add_argument('--overwrite', action='store_true', help="replace a previous demo's folder")
+    p.add_argument('--methods', default='lora,mean', help='comma-separated merge rules (see neuron-merge --merge_method)')
+    p.add_argument('--sample_size', type=positive_int, default=32, help='detection samples per model')
+    p.add_argument('--limit', type=positive_int, default=100, help='evaluation problems per kind')
+    p.add_argument('--vlm', default='vlm-2', help='zoo VLM to merge into (see `vlm-merge zoo info`)')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'auto'")
+    p.add_argument('--quiet', action='store_true', help='no progress output')
+
+# %% ../nbs/99_cli.ipynb #757543ac
+def _upload_args(p):
+    p.description = ('Upload a merged folder to the Hugging Face Hub with a model card. '
+                     'The token comes from HF_TOKEN or the login cache (`hf auth login`).')
+    p.add_argument('folder', help='the merged model folder (any vlm-merge output)')
+    p.add_argument('repo_id', help='the Hub repo id, "namespace/name"')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--dry-run', action='store_true', help='print the files and the model card that would be uploaded; send nothing')
+    p.add_argument('--message', default=None, help='commit message (None: a generated one)')
+    p.add_argument('--new-card', action='store_true', help='generate the model card even if README.md exists (replaces it)')
+    p.add_argument('--method', default=None, help="merge method for the card (None: from the folder's own metadata)")
+    p.add_argument('--source', action='append', default=None, help="a source model (repeat; None: from the folder's own metadata)")
+    p.add_argument('--scores', default=None, help='scores for the card: JSON {task: accuracy} or a CSV/TSV table')
+    p.add_argument('--license', default=None, help='licence id for the card metadata')
+
+# %% ../nbs/99_cli.ipynb #bd6eb0ee
+PARSERS = {'inspect': _inspect_args, 'zoo': _zoo_args, 'infer': _infer_args, 'merge': _merge_args, 'detect': _detect_args,
+           'shared': _shared_args, 'neuron-merge': _neuron_merge_args, 'run': _run_args, 'demo': _demo_args, 'upload': _upload_args}
+
+def parser_for(command:str # a key of `PARSERS`
+              ) -> argparse.ArgumentParser:
+    "The argparse parser of `vlm-merge COMMAND`, with defaults in its help and a `--debug` flag."
+    p = argparse.ArgumentParser(prog=f'vlm-merge {command}', formatter_class=HelpFormatter)
+    PARSERS[command](p)
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error (also VLM_MERGE_DEBUG=1)')
+    return p
+
+def parse_args(command:str, # a key of `PARSERS`
+               argv:list|None=None # the arguments after the command
+              ) -> argparse.Namespace:
+    "`argv` parsed and checked by `parser_for(command)`; bad values exit with a usage line naming the flag."
+    return parser_for(command).parse_args(argv)
 
 # %% ../nbs/99_cli.ipynb #f5b5d0b8
 #| eval: false

@@ -82,6 +82,7 @@ def _atomic_write(path:Path, write) -> Path:
     "Call `write(tmp_path)` on a temporary sibling of `path`, then rename it onto `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent); os.close(fd)
+    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
     try: write(tmp); os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)

@@ -171,7 +171,10 @@ class Detection:
         t = {f'scores.{g}': v.contiguous() for g, v in self.scores.items()}
         if self.sample_scores: t.update({f'sample_scores.{g}': v.contiguous() for g, v in self.sample_scores.items()})
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp'); os.close(fd)
-        try: save_file(t, tmp, metadata={'meta': json.dumps(self.meta)}); os.replace(tmp, path)
+        try:
+            save_file(t, tmp, metadata={'meta': json.dumps(self.meta)})
+            m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp): os.remove(tmp)
         return path
@@ -198,6 +201,7 @@ def write_neuron_json(neurons:dict, # {group: {layer: [indices]}}
     clean = {g: {str(l): sorted(int(i) for i in v) for l, v in sorted(d.items(), key=lambda x: int(x[0]))}
              for g, d in neurons.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
+    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
     try:
         with os.fdopen(fd, 'w') as f: json.dump(clean, f)
         os.replace(tmp, path)
@@ -236,7 +240,7 @@ def load_detection_samples(task:str,                    # 'gsm' or 'multimodal'
     "Detection samples as dicts {'prompt', 'answer', 'image'} (image: None or a PIL image)."
     import pandas as pd
     if task == 'gsm':
-        if corpus_path is None: raise ValueError("task='gsm' needs corpus_path (a folder with llama3ds_math.tsv)")
+        if corpus_path is None: raise ValueError("task='gsm' needs corpus_path (--corpus_path: a folder with llama3ds_math.tsv, or a TSV file)")
         p = Path(corpus_path)
         if p.is_dir():
             cands = [p/'llama3ds_math.tsv', p/f'mgsm_{lang}.tsv']
@@ -248,7 +252,7 @@ def load_detection_samples(task:str,                    # 'gsm' or 'multimodal'
         rows = [{'prompt': str(q), 'answer': str(a) if a is not None else None, 'image': None}
                 for q, a in zip(df['question'], df['answer'] if 'answer' in df else [None]*len(df))]
     elif task == 'multimodal':
-        if multimodal_file is None: raise ValueError("task='multimodal' needs multimodal_file (a parquet file)")
+        if multimodal_file is None: raise ValueError("task='multimodal' needs multimodal_file (--multimodal_file: a parquet file)")
         p = Path(multimodal_file)
         if not p.exists(): raise FileNotFoundError(f'multimodal file not found: {p}')
         df = pd.read_parquet(p)
@@ -270,24 +274,29 @@ def load_detection_samples(task:str,                    # 'gsm' or 'multimodal'
 # %% ../nbs/04_detect.ipynb #53078756
 def load_model_for_detection(path:str|Path,     # local folder or Hub id
                              device:str='auto', # 'cpu', 'cuda', 'cuda:1' or 'auto'
-                             dtype='auto'       # 'float32', 'bfloat16', 'float16' or 'auto'
+                             dtype='auto',      # 'float32', 'bfloat16', 'float16' or 'auto'
+                             trust_remote_code:bool=False # run Python files named by the folder's auto_map (only for a model you trust)
                             ) -> tuple:
     "(model, processor_or_tokenizer, is_vlm): an image-text-to-text model with its processor, else a causal LM with its tokenizer."
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from vlm_merge.checkpoints import zoo_model_path
+    from vlm_merge.inference import allow_remote_code
+    if not Path(str(path)).exists(): path = zoo_model_path(str(path)) or path   # a zoo name
+    trc = allow_remote_code(path, trust_remote_code)
     device = pick_device(device); dt = pick_dtype(device, dtype)
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trc)
     is_vlm = getattr(cfg, 'vision_config', None) is not None
     if is_vlm or getattr(cfg, 'auto_map', None) and 'AutoModel' in cfg.auto_map and 'AutoModelForCausalLM' not in cfg.auto_map:
-        try: model = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, trust_remote_code=True)
+        try: model = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, trust_remote_code=trc)
         except ValueError:   # remote-code VLMs (MiniCPM-V, InternVL) register only AutoModel
             from transformers import AutoModel
-            model = AutoModel.from_pretrained(path, dtype=dt, trust_remote_code=True)
-        try: proc = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        except (ValueError, OSError): proc = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+            model = AutoModel.from_pretrained(path, dtype=dt, trust_remote_code=trc)
+        try: proc = AutoProcessor.from_pretrained(path, trust_remote_code=trc)
+        except (ValueError, OSError): proc = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
         is_vlm = hasattr(proc, 'image_processor')
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=True)
-        proc = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trc)
+        proc = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
     return model.to(device).eval(), proc, is_vlm
 
 def _tokenizer_of(proc): return getattr(proc, 'tokenizer', proc)
@@ -335,13 +344,14 @@ def detect_neurons(model,                   # a loaded model, or a path/Hub id
                    keep_per_sample:bool=False, # keep per-sample scores (for mode='intersect')
                    max_length:int|None=None,   # truncate text-only samples
                    drop_images:bool=False,  # samples have images but the processor cannot read them: detect on the text (warned) instead of refusing
-                   progress:bool=True       # show a tqdm bar
+                   progress:bool=True,      # show a tqdm bar
+                   trust_remote_code:bool=False # used when `model` is a path: let its folder's Python code run
                   ) -> Detection:
     "Run the samples through the model with hooks and return the per-neuron scores."
     meta = {}
     if isinstance(model, (str, Path)):
         meta['model'] = str(model)
-        model, proc, is_vlm = load_model_for_detection(model, device, dtype)
+        model, proc, is_vlm = load_model_for_detection(model, device, dtype, trust_remote_code)
     else:
         if proc is None: raise ValueError('pass the processor or tokenizer with a loaded model')
         is_vlm = getattr(model.config, 'vision_config', None) is not None
@@ -376,31 +386,19 @@ def detection_paths(output_path:str|Path, base:str, task:str) -> tuple[Path, Pat
 def detect_cli(argv:list|None=None # command-line arguments (after `vlm-merge detect`)
               ) -> int:
     "`vlm-merge detect`: detect the key neurons of `--base` and write the neuron JSON and raw scores."
-    p = argparse.ArgumentParser(prog='vlm-merge detect', description=detect_cli.__doc__)
-    p.add_argument('--base', required=True, help='model folder or Hub id')
-    p.add_argument('--task', choices=['gsm', 'multimodal'], default='gsm')
-    p.add_argument('--corpus_path', help='gsm: folder with llama3ds_math.tsv (or a TSV file)')
-    p.add_argument('--multimodal_file', help='multimodal: parquet with problem, answer, images')
-    p.add_argument('--lang', default='en')
-    p.add_argument('--sample_size', type=int, default=100)
-    p.add_argument('--seed', type=int, default=0, help='subsample seed')
-    p.add_argument('--atten_ratio', type=float, default=0.3)
-    p.add_argument('--ffn_ratio', type=float, default=0.3)
-    p.add_argument('--mode', choices=['aggregate', 'intersect'], default='aggregate',
-                   help="aggregate: top ratio of pooled scores; intersect: the seed's per-sample top ratio intersected")
-    p.add_argument('--output_path', required=True)
-    p.add_argument('--batch_size', type=int, default=4)
-    p.add_argument('--max_length', type=int, default=None)
-    p.add_argument('--device', default='auto')
-    p.add_argument('--dtype', default='auto')
-    p.add_argument('--from_scores', action='store_true', help='re-select from saved scores (no forward pass)')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('detect', argv)
     jpath, spath = detection_paths(a.output_path, a.base, a.task)
     if a.from_scores: det = Detection.load(spath)
     else:
+        from vlm_merge.checkpoints import zoo_model_path
+        from vlm_merge.zoo import zoo_data_path
+        zoo = not Path(a.base).exists() and zoo_model_path(a.base) is not None
+        if zoo and a.task == 'gsm' and a.corpus_path is None: a.corpus_path = zoo_data_path('llama3ds_math.tsv')
+        if zoo and a.task == 'multimodal' and a.multimodal_file is None: a.multimodal_file = zoo_data_path('geometry_perception.parquet')
         samples = load_detection_samples(a.task, a.corpus_path, a.multimodal_file, a.lang, a.sample_size, a.seed)
         det = detect_neurons(a.base, samples, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                             keep_per_sample=a.mode == 'intersect', max_length=a.max_length)
+                             keep_per_sample=a.mode == 'intersect', max_length=a.max_length, trust_remote_code=a.trust_remote_code)
         det.meta.update(task=a.task, lang=a.lang, seed=a.seed)
         det.save(spath)
     write_neuron_json(det.select(a.atten_ratio, a.ffn_ratio, a.mode), jpath)

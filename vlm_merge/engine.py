@@ -15,15 +15,15 @@ from tqdm.auto import tqdm
 
 from .anatomy import canonical_key, get_family, head_geometry, parse_key, UnknownFamilyError
 from .checkpoints import CheckpointReader, ShardedWriter, parse_size, resolve_model_path
-from .methods import MERGE_METHODS, merge_tensors, LoraAdapter, is_lora_adapter
+from .methods import MERGE_METHODS, merge_tensors, LoraAdapter, is_lora_adapter, check_params
 from .sparsegpt import hessians, sparsegpt_importance, hinv_diagonal
 
 # %% auto #0
-__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'CHUNK_ELEMENTS', 'MergeConfigError', 'MergeRefused', 'to_dtype',
-           'lora_parts', 'InputModel', 'MergeConfig', 'resolve_setting', 'merged_models', 'tensor_parameters',
-           'PlanItem', 'MergePlan', 'build_plan', 'RawReader', 'LoraReader', 'open_input', 'tensor_seed',
-           'kth_largest_bits', 'stream_task_arithmetic', 'merge_item', 'card_text', 'run_merge', 'merge_cli',
-           'calibration_data', 'input_hessians']
+__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX_YAML_NODES', 'CHUNK_ELEMENTS',
+           'MergeConfigError', 'MergeRefused', 'to_dtype', 'lora_parts', 'safe_yaml', 'InputModel', 'MergeConfig',
+           'resolve_setting', 'merged_models', 'tensor_parameters', 'PlanItem', 'MergePlan', 'build_plan', 'RawReader',
+           'LoraReader', 'open_input', 'tensor_seed', 'kth_largest_bits', 'stream_task_arithmetic', 'merge_item',
+           'is_hub_ref', 'shown_ref', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
 
 # %% ../nbs/09_engine.ipynb #1c7dc585
 class MergeConfigError(ValueError):
@@ -122,6 +122,31 @@ def _sparsegpt_section(x, field:str, allowed) -> dict:
     if 'dtype' in x: to_dtype(x['dtype'])
     return dict(x)
 
+# %% ../nbs/09_engine.ipynb #af456865
+MAX_YAML_BYTES, MAX_YAML_NODES = 1_000_000, 100_000
+
+def _expanded_nodes(x, budget:list) -> None:
+    "Count the values of `x` as if every alias were written out; stop at the budget."
+    budget[0] -= 1
+    if budget[0] < 0: return
+    if isinstance(x, dict):
+        for k, v in x.items(): _expanded_nodes(k, budget); _expanded_nodes(v, budget)
+    elif isinstance(x, (list, tuple)):
+        for v in x: _expanded_nodes(v, budget)
+    elif isinstance(x, str): budget[0] -= len(x) // 1000
+
+def safe_yaml(text:str, # YAML text
+              src:str='config' # where it came from, for errors
+             ):
+    "`yaml.safe_load(text)`, refusing texts over `MAX_YAML_BYTES` and aliases that expand past `MAX_YAML_NODES` values."
+    if len(text.encode('utf-8', 'replace')) > MAX_YAML_BYTES:
+        raise MergeConfigError(f'{src}: a {len(text):,}-character config is over the {MAX_YAML_BYTES:,}-byte limit')
+    try: d = yaml.safe_load(text)
+    except yaml.YAMLError as e: raise MergeConfigError(f'{src}: not valid YAML: {e}') from None
+    budget = [MAX_YAML_NODES]; _expanded_nodes(d, budget)
+    if budget[0] < 0: raise MergeConfigError(f'{src}: its aliases expand to more than {MAX_YAML_NODES:,} values; write the config out plainly')
+    return d
+
 # %% ../nbs/09_engine.ipynb #198422df
 _MERGEKIT_KEYS = {'merge_method', 'base_model', 'models', 'slices', 'modules', 'parameters', 'dtype', 'out_dtype',
                   'tokenizer_source', 'tokenizer', 'chat_template', 'name'}
@@ -169,6 +194,8 @@ class MergeConfig:
                        ('tokenizer', 'the `tokenizer` section is not supported; use `tokenizer_source` (a model or "base")')]:
             if d.get(k): raise MergeConfigError(f'{k}: {why}')
         if 'merge_method' not in d: raise MergeConfigError('merge_method: missing; one of ' + ', '.join(sorted(MERGE_METHODS)))
+        if d.get('name') is not None and (not isinstance(d['name'], str) or len(d['name']) > 200 or '\n' in d['name']):
+            raise MergeConfigError(f"name: expected one line of text (at most 200 characters), got a {type(d['name']).__name__}")
         method = str(d['merge_method'])
         if method not in MERGE_METHODS:
             raise MergeConfigError(f'merge_method: unknown method {method!r}; known: {", ".join(sorted(MERGE_METHODS))}')
@@ -227,9 +254,7 @@ class MergeConfig:
         text = Path(src).read_text() if '\n' not in str(src) and Path(src).exists() else str(src)
         if '\n' not in str(src) and not Path(src).exists() and str(src).endswith(('.yml', '.yaml')):
             raise MergeConfigError(f'{src}: no such config file')
-        try: d = yaml.safe_load(text)
-        except yaml.YAMLError as e: raise MergeConfigError(f'{src if len(str(src)) < 200 else "config"}: not valid YAML: {e}') from None
-        return cls.from_dict(d)
+        return cls.from_dict(safe_yaml(text, str(src) if len(str(src)) < 200 else 'config'))
 
     @property
     def use_sparsegpt(self) -> bool:
@@ -439,6 +464,7 @@ def build_plan(config:MergeConfig, # the merge
         n_layers = max(ls) + 1 if ls else 1
     items = []
     sources = ([config.base_model] if needs_base else []) + [m.model for m in merged_models(config)]
+    copied = []
     for key in out_r.keys():
         c = inv_out.get(key)
         layer = _layer_of(c, key) if (c is not None or not use_canon) else None   # vision layers are not text layers
@@ -456,6 +482,10 @@ def build_plan(config:MergeConfig, # the merge
             if c is not None: k2 = canon[r].get(c)
             else: k2 = key if key in readers[r] else None
             src[r] = k2
+        nonfloat = [r for r, k2 in src.items() if k2 is not None and not readers[r].dtype(k2).is_floating_point]
+        if not out_r.dtype(key).is_floating_point or nonfloat:   # integer / bool tensors (ids, masks) are copied, never merged
+            copied.append(f'{key} ({out_r.dtype(key)}'.replace('torch.', '') + ''.join(f', {readers[r].dtype(src[r])} in {r}'.replace('torch.', '') for r in nonfloat) + ')')
+            items.append(PlanItem(key, 'copy', {out_ref: key}, t=t, shape=shape)); continue
         copy = (c is None and any(v is None for v in src.values())   # vision tower / projector / other: from the output model
                 or (is_emb and emb_policy == 'output')
                 or (layer is not None and not _in_ranges(layer, config.merge_layers)))
@@ -476,11 +506,14 @@ def build_plan(config:MergeConfig, # the merge
             warn.append(f'vocabulary sizes differ for {key}: ' + ', '.join(f'{r}: {readers[r].shape(k2)[0]}' for r, k2 in src.items())
                         + f'; merging the first {rows} rows, the rest from {out_ref}')
         base_key = src.pop(config.base_model) if needs_base else None
-        per, _ = tensor_parameters(config, key, t)
+        per, glob = tensor_parameters(config, key, t)
         for m, p in zip(merged_models(config), per):
             miss = [r for r in method.required if r not in p]
             if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
+        try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
+        except ValueError as e: raise MergeConfigError(str(e)) from None
         items.append(PlanItem(key, 'merge', src, base_key=base_key, t=t, shape=shape, rows=rows, canon=c))
+    if copied: warn.append(f'{len(copied)} non-float tensor(s) copied from {out_ref}, not merged: ' + ', '.join(copied[:5]) + (' ...' if len(copied) > 5 else ''))
     if config.sparsegpt and not config.use_sparsegpt:
         warn.append('sparsegpt: calibration settings given but `parameters.use_sparsegpt` is not on; tensors are ranked by magnitude')
     for w in warn: warnings.warn(w, stacklevel=2)
@@ -819,6 +852,18 @@ def merge_item(plan:MergePlan, # the plan
         out = torch.cat([out.to('cpu'), R[out_ref].get(it.out_key, it.rows, it.shape[0]).to(dt)])
     return out.to('cpu')
 
+# %% ../nbs/09_engine.ipynb #b1d6422f
+def is_hub_ref(x:str) -> bool:
+    "Whether model reference `x` names a Hub repo: not a local path (existing or path-like) and not a zoo model."
+    from vlm_merge.checkpoints import _zoo_names
+    s = str(x)
+    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists() or s in _zoo_names(): return False
+    return re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', s) is not None
+
+def shown_ref(x:str) -> str:
+    "How a card names model reference `x`: a Hub id as it is, a local folder by its name only (no machine paths)."
+    return str(x) if is_hub_ref(x) else Path(str(x).rstrip('/')).name
+
 # %% ../nbs/09_engine.ipynb #970935a0
 def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
     "The model card's lines on `use_sparsegpt`: settings, whose Hessians, how many tensors by importance and by magnitude."
@@ -851,14 +896,14 @@ def card_text(config:MergeConfig, # the merge
     refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
     ids = list(dict.fromkeys(x for r in refs for x in lora_parts(r) if x))   # a LoRA input: its base and its adapter
     tags = ['merge', 'vlm_merge', config.merge_method] + (['lora'] if any(lora_parts(r)[1] for r in refs) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
-    front = {'base_model': ids, 'tags': tags, 'library_name': 'transformers'}
+    front = {'base_model': [x for x in ids if is_hub_ref(x)], 'tags': tags, 'library_name': 'transformers'}
     lines = ['---', yaml.safe_dump(front, sort_keys=False).strip(), '---', '',
              f'# {config.name or "merged model"}', '',
              f'This model was merged with [vlm_merge](https://github.com/vlm-merge/vlm_merge) using the **{config.merge_method}** method'
-             + (f' with `{config.base_model}` as the base.' if config.base_model else '.'), '', '## Sources', '']
+             + (f' with `{shown_ref(config.base_model)}` as the base.' if config.base_model else '.'), '', '## Sources', '']
     for r in refs:
         base, ad = lora_parts(r)
-        line = f'- `{r}`' if ad is None else f'- `{ad}`: a LoRA adapter folded into `{base}` tensor by tensor'
+        line = f'- `{shown_ref(r)}`' if ad is None else f'- `{shown_ref(ad)}`: a LoRA adapter folded into `{shown_ref(base)}` tensor by tensor'
         rd = plan.readers.get(r) if plan is not None else None
         if isinstance(rd, LoraReader):
             a = rd.adapter
@@ -867,7 +912,7 @@ def card_text(config:MergeConfig, # the merge
         lines.append(line + (' (base)' if r == config.base_model else ''))
     if plan is not None:
         c = plan.counts()
-        lines += ['', f'Output layout, config and non-language tensors from `{plan.output_model}`; '
+        lines += ['', f'Output layout, config and non-language tensors from `{shown_ref(plan.output_model)}`; '
                   f'{c["merge"]} tensors merged, {c["copy"]} copied.']
     if config.use_sparsegpt: lines += ['', '## SparseGPT importance', ''] + _sparsegpt_card(config, plan)
     if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
@@ -913,6 +958,10 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
     dt = to_dtype(config.out_dtype or config.dtype)
     if device.startswith('cuda') and not torch.cuda.is_available(): raise MergeConfigError(f'device: {device} requested but CUDA is not available')
     plan = build_plan(config, allow_mismatched_architectures=allow_mismatched_architectures)
+    if not plan.readers[plan.output_model].config:   # weights only: no made-up config.json that would not load
+        have = [r for r, rd in plan.readers.items() if rd.config]
+        warnings.warn(f'{plan.output_model}: the output model has no config.json, so the output holds weights only'
+                      + (f'; set output_model to one that has one ({", ".join(have)})' if have else ' (no input has one)'), stacklevel=2)
     n_threads = torch.get_num_threads()
     try:
         if config.use_sparsegpt: input_hessians(plan, device=device, progress=progress)   # before the stream, all threads
@@ -932,7 +981,7 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
                 toks = [p.name for p in src.iterdir() if p.name.startswith(('tokenizer', 'special_tokens_map', 'vocab', 'merges'))]
                 if toks: w.copy_aux(src, files=toks)
             if config.chat_template: w.write_text('chat_template.jinja', config.chat_template)
-            w.write_json('config.json', _out_config(plan, dt))
+            if plan.readers[plan.output_model].config: w.write_json('config.json', _out_config(plan, dt))
             w.write_text('README.md', card_text(config, plan))
             w.write_text('mergekit_config.yml', config.to_yaml())
         if config.use_sparsegpt:
@@ -952,18 +1001,8 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
 def merge_cli(argv:list|None=None # arguments after `vlm-merge merge`
              ) -> int:
     "`vlm-merge merge CONFIG OUT_DIR [--device cpu|cuda] [--shard-size 5GB] [--seed N] [--overwrite]`"
-    p = argparse.ArgumentParser(prog='vlm-merge merge', description='Streaming merge from a mergekit-compatible YAML config.')
-    p.add_argument('config', help='YAML config (mergekit keys plus vlm_merge keys)')
-    p.add_argument('out_dir', help='output folder (a Hugging Face model folder)')
-    p.add_argument('--device', default='cpu', help='cpu or cuda: where the arithmetic runs')
-    p.add_argument('--shard-size', default='5GB', help='largest output shard, e.g. 5GB, 500MB')
-    p.add_argument('--seed', type=int, default=None, help="seed of random methods (default: the config's, else 0)")
-    p.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR (never an input)')
-    p.add_argument('--allow-mismatched-architectures', action='store_true', default=None,
-                   help='merge models whose text architectures differ (shapes must still match)')
-    p.add_argument('--threads', type=int, default=1, help='torch threads while merging (0: torch default); 1 is fastest for the streaming kernel')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('merge', argv)
     t0 = time.perf_counter()
     try:
         out = run_merge(a.config, a.out_dir, device=a.device, shard_size=a.shard_size, seed=a.seed, overwrite=a.overwrite,

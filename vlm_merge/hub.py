@@ -242,7 +242,9 @@ def _plain(o):
 # %% ../nbs/14_hub.ipynb #64928517
 def _is_hub_id(s:str) -> bool:
     s = str(s)
-    if s.startswith(('/', '.', '~')) or '\\' in s or Path(s).expanduser().exists(): return False
+    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists(): return False
+    from vlm_merge.checkpoints import _zoo_names
+    if s in _zoo_names(): return False
     try: validate_repo_id(s); return True
     except HFValidationError: return False
 
@@ -332,6 +334,11 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
         d = _as_dict(folder_or_config)
         if _is_merge_config(d): merge_cfg = d
         else: cfg = cfg or d
+    if merge_cfg is None and folder is not None and (folder/'neuron_merge.json').exists():   # a neuron-merge output
+        nm = json.loads((folder/'neuron_merge.json').read_text())
+        sources = sources if sources is not None else list(dict.fromkeys(str(nm[k]) for k in ('base', 'model_a', 'model_b') if nm.get(k)))
+        method = method or f"neuron merge ({nm.get('method', 'lora')})"
+        parameters = parameters if parameters is not None else {k: v for k, v in nm.items() if k not in ('base', 'model_a', 'model_b', 'neurons')}
     if merge_cfg is not None:
         sources = sources if sources is not None else sources_of(merge_cfg)
         method = method or merge_cfg.get('merge_method')
@@ -359,7 +366,7 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
     data = ModelCardData(base_model=hub_sources or None, tags=all_tags, library_name='transformers',
                          pipeline_tag=pipeline_tag, license=lic, datasets=datasets, language=language, model_name=None)
     cites = citations_for(method)
-    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{s}` (a local folder)'
+    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
                        for s in sources)
     refs = [c for c in cites if c['key'] != 'vlm_merge']
     method_refs = (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
@@ -400,6 +407,7 @@ def write_model_card(folder, # the merged folder; README.md is written there
     text = _card_text(card)
     ModelCard(text)  # refuses malformed metadata before anything is written
     fd, tmp = tempfile.mkstemp(prefix='.README.', suffix='.md.tmp', dir=folder)
+    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text)
         os.replace(tmp, target)
@@ -441,9 +449,20 @@ def resolve_token(token:str|None=None) -> str|None:
     "The token to upload with: `token`, else the HF_TOKEN environment variable, else the login cache (`get_token`)."
     return token or os.environ.get('HF_TOKEN') or huggingface_hub.get_token()
 
+_LEFTOVER = re.compile(r'(^|/)(\.[^/]*\.(tmp|old)-[^/]*|[^/]*\.tmp|\.vlm_merge_output)(/|$)')   # temporaries and the output marker
+
 def _list_files(folder:Path) -> list:
-    rel = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob('**/*')) if p.is_file()}
-    return [(r, rel[r].stat().st_size) for r in filter_repo_objects(list(rel), ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
+    "(relative path, size) of the files to upload: no temporaries, no symlink that leads out of `folder` (an error)."
+    root, rel, out = folder.resolve(), {}, []
+    for dp, dns, fns in os.walk(folder):
+        for n in sorted(dns + fns):
+            p = Path(dp)/n
+            if p.is_symlink() and not (p.resolve() == root or root in p.resolve().parents): out.append((p, p.resolve()))
+            elif n in fns and p.is_file(): rel[p.relative_to(folder).as_posix()] = p
+    if out: raise HubUploadError(f'{out[0][0]} is a symlink to {out[0][1]}, outside {folder}; refusing to upload it'
+                                 + (f' ({len(out) - 1} more such links)' if len(out) > 1 else ''))
+    keep = sorted(r for r in rel if not _LEFTOVER.search(r))
+    return [(r, rel[r].stat().st_size) for r in filter_repo_objects(keep, ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
 
 def plan_upload(folder, repo_id:str, private:bool=False, new_card:bool=False, **card_kwargs) -> UploadPlan:
     "Check `folder` and `repo_id` and work out the files and the card an upload would send (no network, no writes)."
@@ -509,6 +528,7 @@ def upload_folder_to_hub(folder, # the merged folder to upload
         write_model_card(plan.folder, plan.card_text, overwrite=new_card)
     url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type='model', exist_ok=True)
     info = huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(plan.folder), token=token, repo_type='model',
+                                         allow_patterns=[r for r, _ in plan.files],   # exactly the planned files
                                          commit_message=commit_message or f'Upload merged model ({plan.folder.name}) with vlm_merge')
     return getattr(url, 'url', None) or str(url), info
 
@@ -523,19 +543,8 @@ def _load_scores(path:str):
 def upload_cli(argv:list|None=None # arguments after `vlm-merge upload`
               ) -> int:
     "`vlm-merge upload FOLDER REPO_ID [--private] [--dry-run] [--new-card --method M --source S ...]`"
-    p = argparse.ArgumentParser(prog='vlm-merge upload', description='Upload a merged folder to the Hugging Face Hub with a model card. '
-                                'The token comes from HF_TOKEN or the login cache (`hf auth login`).')
-    p.add_argument('folder', help='the merged model folder')
-    p.add_argument('repo_id', help='the Hub repo id, "namespace/name"')
-    p.add_argument('--private', action='store_true', help='create the repo private')
-    p.add_argument('--dry-run', action='store_true', help='print the files and the model card that would be uploaded; send nothing')
-    p.add_argument('--message', default=None, help='commit message')
-    p.add_argument('--new-card', action='store_true', help='generate the model card even if README.md exists (replaces it)')
-    p.add_argument('--method', default=None, help="merge method for the card (default: from the folder's merge config)")
-    p.add_argument('--source', action='append', default=None, help='a source model (repeat; default: from the merge config)')
-    p.add_argument('--scores', default=None, help='scores for the card: JSON {task: accuracy} or a CSV/TSV table')
-    p.add_argument('--license', default=None, help='licence id for the card metadata')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('upload', argv)
     kw = {k: v for k, v in dict(method=a.method, sources=a.source, license=a.license,
                                 scores=_load_scores(a.scores) if a.scores else None).items() if v is not None}
     try:

@@ -16,8 +16,9 @@ from .data import (load_gsm, load_geometry, to_pil, gsm_prompt, geometry_prompt,
 
 # %% auto #0
 __all__ = ['BACKENDS', 'FALLBACK_CHAT_TEMPLATE', 'TASKS', 'GEOMETRY3K_HUB_ID', 'Backend', 'detect_backend', 'pick_dtype',
-           'pick_device', 'Inferencer', 'strip_image_placeholders', 'plain_greedy', 'greedy_decode', 'load_task_data',
-           'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
+           'pick_device', 'remote_code_files', 'allow_remote_code', 'Inferencer', 'strip_image_placeholders',
+           'plain_greedy', 'greedy_decode', 'zoo_default_data', 'load_task_data', 'evaluate', 'write_predictions',
+           'perplexity', 'infer_cli']
 
 # %% ../nbs/10_inference.ipynb #a801ab30
 @dataclass
@@ -80,6 +81,36 @@ def pick_device(device:str|None=None # None or 'auto': the first GPU when one is
             raise ValueError(f'device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible')
     return str(device)
 
+# %% ../nbs/10_inference.ipynb #91255f93
+def remote_code_files(path # a local model folder (anything else: no files)
+                     ) -> list[str]:
+    "The Python files named by the `auto_map` of a folder's config, tokenizer and processor files."
+    p, out = Path(str(path)), []
+    if not p.is_dir(): return out
+    for name in ('config.json', 'tokenizer_config.json', 'processor_config.json', 'preprocessor_config.json'):
+        try: am = json.loads((p/name).read_text()).get('auto_map') if (p/name).exists() else None
+        except (OSError, ValueError, AttributeError): am = None
+        for v in (am.values() if isinstance(am, dict) else []):
+            for ref in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(ref, str) and '.' in ref:
+                    f = ref.split('--')[-1].rsplit('.', 1)[0] + '.py'
+                    if f not in out: out.append(f)
+    return out
+
+def allow_remote_code(path, # the model folder or Hub id
+                      trust_remote_code:bool=False, # the caller's explicit consent
+                      needed:bool=False # the backend cannot work without the model's own code
+                     ) -> bool:
+    "The `trust_remote_code` to pass to transformers: the caller's choice, with a warning naming the files it lets run."
+    files = remote_code_files(path)
+    if needed and not trust_remote_code:
+        raise ValueError(f'{path}: this model runs its own Python code' + (f' ({", ".join(files)})' if files else '')
+                         + '; pass trust_remote_code=True only for a model you trust')
+    if trust_remote_code and files:
+        import warnings
+        warnings.warn(f'{path}: trust_remote_code=True runs the Python files {", ".join(files)} of this model folder', stacklevel=2)
+    return bool(trust_remote_code)
+
 # %% ../nbs/10_inference.ipynb #2eac7dc8
 class Inferencer:
     "Batched generation with a text or vision-language model, whatever its backend."
@@ -90,25 +121,31 @@ class Inferencer:
                  dtype=None,                    # 'bf16' | 'fp16' | 'fp32' | torch dtype; None: by device
                  model=None,                    # an already loaded model (then model_path may be None)
                  processor=None,                # its tokenizer or processor, with a loaded `model`
+                 trust_remote_code:bool=False,  # run Python files named by the folder's auto_map (only for a model you trust)
                 ):
         import transformers
         if model is None and model_path is None: raise ValueError('Inferencer: give model_path or model')
-        self.model_path, self.device = (str(model_path) if model_path is not None else None), device
-        cfg = model.config if model is not None else transformers.AutoConfig.from_pretrained(
-            self.model_path, trust_remote_code=(backend == 'minicpm'))
+        if model_path is not None and not Path(str(model_path)).exists():   # a zoo name
+            from vlm_merge.checkpoints import zoo_model_path
+            model_path = zoo_model_path(str(model_path)) or model_path
+        self.model_path, self.device = (str(model_path) if model_path is not None else None), pick_device(device)
+        device = self.device
+        trc = model is None and allow_remote_code(self.model_path, trust_remote_code, needed=BACKENDS.get(backend) is not None and BACKENDS[backend].remote_code)
+        cfg = model.config if model is not None else transformers.AutoConfig.from_pretrained(self.model_path, trust_remote_code=trc)
         self.backend_name = backend or detect_backend(cfg)
         if self.backend_name not in BACKENDS:
             raise ValueError(f'Inferencer: unknown backend {self.backend_name!r}; known: {sorted(BACKENDS)}')
         self.backend = b = BACKENDS[self.backend_name]
         if model is None:
             cls = getattr(transformers, b.model_class)
-            model = cls.from_pretrained(self.model_path, dtype=pick_dtype(device, dtype), trust_remote_code=b.remote_code)
+            if b.remote_code and not trc: allow_remote_code(self.model_path, trc, needed=True)
+            model = cls.from_pretrained(self.model_path, dtype=pick_dtype(device, dtype), trust_remote_code=trc)
             model = model.to(device)
         elif dtype is not None: model = model.to(dtype=pick_dtype(device, dtype))
         self.model = model.eval()
         if processor is None:
             loader = transformers.AutoTokenizer if b.inputs == 'tokenizer' else transformers.AutoProcessor
-            processor = loader.from_pretrained(self.model_path, trust_remote_code=b.remote_code)
+            processor = loader.from_pretrained(self.model_path, trust_remote_code=bool(trc))
         self.processor = processor
         self.tokenizer = getattr(processor, 'tokenizer', processor)
         self.tokenizer.padding_side = 'left'
@@ -259,6 +296,20 @@ def _chat_minicpm(self:Inferencer, prompts, imgs, max_new_tokens, do_sample, tem
         out.append(r if isinstance(r, str) else r[0])
     return out
 
+# %% ../nbs/10_inference.ipynb #6fa69868
+def zoo_default_data(model, # a model name, folder or `Inferencer`
+                     task:str # a task of TASKS
+                    ) -> Path|None:
+    "The zoo's data file for `task` when `model` is a zoo model (by name or by its folder), else None."
+    from vlm_merge.checkpoints import zoo_model_path
+    from vlm_merge.zoo import zoo_dir, zoo_data_path
+    if isinstance(model, Inferencer): model = model.model_path
+    if model is None: return None
+    p = Path(str(model))
+    p = p.resolve() if p.exists() else zoo_model_path(str(model))
+    if p is None or zoo_dir().resolve() not in p.resolve().parents: return None
+    return zoo_data_path('geometry_perception.parquet' if task == 'multimodal' else 'mgsm_en.tsv')
+
 # %% ../nbs/10_inference.ipynb #baa2a49d
 TASKS = ('gsm', 'gsm_mm', 'multimodal')
 GEOMETRY3K_HUB_ID = 'hiyouga/geometry3k'
@@ -267,6 +318,10 @@ def load_task_data(task:str, data=None, lang:str='en') -> pd.DataFrame:
     "The data of a task: a DataFrame as is, a file or folder through the task's loader, or the default source."
     if task not in TASKS: raise ValueError(f'unknown task {task!r}; choose from {TASKS}')
     if isinstance(data, pd.DataFrame): return data
+    if task in ('gsm', 'gsm_mm') and data is not None and str(data).endswith('.tsv') and Path(data).is_file():
+        head = pd.read_csv(data, sep='\t', dtype=str, keep_default_na=False, nrows=0).columns
+        if 'prompt' in head and 'answer' in head and 'question' not in head:   # a zoo specialist's file: prompt, answer
+            return pd.read_csv(data, sep='\t', dtype=str, keep_default_na=False).rename(columns={'prompt': 'question'})
     if task in ('gsm', 'gsm_mm'): return load_gsm(data if data is not None else '.', lang=lang)
     return load_geometry(data if data is not None else GEOMETRY3K_HUB_ID)
 
@@ -285,12 +340,18 @@ def evaluate(model, # a model folder / Hub id, or an `Inferencer`
              backend:str|None=None, device:str='cpu', dtype=None,   # used when `model` is a path
              do_sample:bool=False, temperature:float=0.0, seed:int|None=None,
              progress:bool=True,          # show a progress bar
+             trust_remote_code:bool=False,# let a model folder's own Python code run (only for a model you trust)
             ) -> tuple[pd.DataFrame, dict]:
-    "Per-row predictions (`prediction`, `extracted`, `correct`) and a summary (`accuracy`, `n`, ...)."
+    "Per-row predictions (`prediction`, `extracted`, `correct`) and a summary (`accuracy`, `n`, `parse_failures`, ...)."
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f'limit: {limit!r} must be a positive number of rows')
+    if data is None: data = zoo_default_data(model, task)
     df = load_task_data(task, data, lang)
     if limit is not None: df = df.head(limit)
     df = df.reset_index(drop=True).copy()
-    inf = model if isinstance(model, Inferencer) else Inferencer(model, backend=backend, device=device, dtype=dtype)
+    if not len(df): raise ValueError(f'evaluate: no rows to score in {data if data is not None else "the default data"}; an accuracy needs at least one')
+    inf = model if isinstance(model, Inferencer) else Inferencer(model, backend=backend, device=device, dtype=dtype,
+                                                                 trust_remote_code=trust_remote_code)
     t0 = time.perf_counter()
     if task in ('gsm', 'gsm_mm'):
         for c in ('question', 'answer'):
@@ -316,8 +377,8 @@ def evaluate(model, # a model folder / Hub id, or an `Inferencer`
     secs = time.perf_counter() - t0
     n = len(df)
     summary = dict(task=task, model=inf.model_path or type(inf.model).__name__, backend=inf.backend_name, n=n,
-                   n_correct=int(df.correct.sum()), accuracy=float(df.correct.mean()) if n else float('nan'),
-                   extracted=float(df.extracted.notna().mean()) if n else float('nan'),
+                   n_correct=int(df.correct.sum()), accuracy=float(df.correct.mean()),
+                   extracted=float(df.extracted.notna().mean()), parse_failures=int(df.extracted.isna().sum()),
                    seconds=round(secs, 3), samples_per_s=round(n / secs, 3) if secs > 0 else None)
     if 'kind' in df.columns:
         summary['accuracy_by_kind'] = {k: float(g.correct.mean()) for k, g in df.groupby('kind')}
@@ -360,25 +421,17 @@ def perplexity(model, # a model folder / Hub id, or an `Inferencer`
 # %% ../nbs/10_inference.ipynb #58985abb
 def infer_cli(argv:list|None=None) -> int:
     "`vlm-merge infer`: batched GSM / Geometry3K inference with accuracy."
-    p = argparse.ArgumentParser(prog='vlm-merge infer', description='Batched GSM / Geometry3K inference with accuracy.')
-    p.add_argument('--task', choices=TASKS, default='gsm', help='gsm: text model; gsm_mm: VLM on text; multimodal: figure problems')
-    p.add_argument('--backend', choices=sorted(BACKENDS), default=None, help='default: detected from config.model_type')
-    p.add_argument('--model_path', required=True, help='local folder or Hub id')
-    p.add_argument('--lang', default='en', help='GSM language: reads mgsm_{lang}.tsv')
-    p.add_argument('--data', default=None, help='TSV / parquet / folder / Hub id; default: mgsm_{lang}.tsv here, or Geometry3K')
-    p.add_argument('--limit', type=int, default=None, help='first N rows only')
-    p.add_argument('--batch_size', type=int, default=16)
-    p.add_argument('--max_new_tokens', type=int, default=256)
-    p.add_argument('--do_sample', action='store_true')
-    p.add_argument('--temperature', type=float, default=0.0)
-    p.add_argument('--seed', type=int, default=None)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--dtype', default=None, choices=sorted(_DTYPES), help='default: bf16/fp16 on GPU, fp32 on CPU')
-    p.add_argument('--out_file', default=None, help='.tsv or .parquet for per-row predictions')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('infer', argv)
+    if a.out_file and not Path(a.out_file).expanduser().absolute().parent.is_dir():
+        raise ValueError(f'--out_file {a.out_file}: its folder does not exist')
+    if a.backend is not None and a.backend not in BACKENDS: raise ValueError(f'--backend {a.backend!r}: choose from {sorted(BACKENDS)}')
     df, summary = evaluate(a.model_path, a.task, a.data, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, limit=a.limit,
                            lang=a.lang, backend=a.backend, device=a.device, dtype=a.dtype, do_sample=a.do_sample,
-                           temperature=a.temperature, seed=a.seed)
+                           temperature=a.temperature, seed=a.seed, trust_remote_code=a.trust_remote_code)
     if a.out_file: summary['out_file'] = str(write_predictions(df, a.out_file))
     print(json.dumps(summary, indent=1))
+    if summary['parse_failures']:
+        print(f"vlm-merge infer: {summary['parse_failures']} of {summary['n']} answers had no number or choice to read; "
+              'they count as wrong', file=sys.stderr)
     return 0

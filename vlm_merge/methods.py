@@ -11,10 +11,10 @@ from typing import Callable
 import torch
 
 # %% auto #0
-__all__ = ['MERGE_METHODS', 'task_arithmetic', 'ties', 'dare_ties', 'dare_linear', 'breadcrumbs', 'breadcrumbs_ties',
-           'MergeMethod', 'register_method', 'get_method', 'merge_tensors', 'linear', 'kth_largest', 'topk_mask',
-           'bottom_mask', 'sparsify', 'generalized_task_arithmetic', 'slerp', 'lora_delta', 'fold_lora', 'LoraAdapter',
-           'is_lora_adapter']
+__all__ = ['MERGE_METHODS', 'PARAM_RANGES', 'task_arithmetic', 'ties', 'dare_ties', 'dare_linear', 'breadcrumbs',
+           'breadcrumbs_ties', 'MergeMethod', 'register_method', 'get_method', 'check_params', 'merge_tensors',
+           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'sparsify', 'generalized_task_arithmetic', 'slerp',
+           'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
 
 # %% ../nbs/07_task_vectors.ipynb #32573b9a
 @dataclass
@@ -53,6 +53,25 @@ def get_method(name:str) -> MergeMethod:
     if name not in MERGE_METHODS:
         raise KeyError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(MERGE_METHODS))}")
     return MERGE_METHODS[name]
+
+# %% ../nbs/07_task_vectors.ipynb #fd877c0d
+PARAM_RANGES = {'density': ('(0, 1]', lambda x: 0 < x <= 1), 'gamma': ('[0, 1)', lambda x: 0 <= x < 1),
+                't': ('[0, 1]', lambda x: 0 <= x <= 1)}
+
+def check_params(method:str, # a name in `MERGE_METHODS`
+                 params:list, # one dict per merged model
+                 global_params:dict|None=None, # the method's global parameters
+                 where:str='' # what the parameters are for, for errors (a tensor name)
+                ) -> None:
+    "Refuse parameter values outside their range (`PARAM_RANGES`) or not finite numbers, naming model and tensor."
+    import math
+    for who, p in [('parameters', global_params or {})] + [(f'models[{i}].parameters', q or {}) for i, q in enumerate(params)]:
+        for k, v in p.items():
+            if k not in PARAM_RANGES and k not in ('weight', 'lambda', 'epsilon'): continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f'{method}: {who}.{k} = {v!r} is not a finite number' + (f' (for {where})' if where else ''))
+            if k in PARAM_RANGES and not PARAM_RANGES[k][1](v):
+                raise ValueError(f'{method}: {who}.{k} = {v!r} is outside {PARAM_RANGES[k][0]}' + (f' (for {where})' if where else ''))
 
 # %% ../nbs/07_task_vectors.ipynb #747a2bcd
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
@@ -94,6 +113,7 @@ def merge_tensors(method:str,                  # a name in `MERGE_METHODS`
         miss = [r for r in m.required if r not in p]
         if miss: raise ValueError(f"{method}: model {i} lacks required parameter(s) {miss} for {name}")
         ps.append(p)
+    check_params(method, ps, gp, name)
     if m.needs_base and base is None: raise ValueError(f"{method} needs a base model tensor for {name}")
     ref = base if base is not None else tensors[0]
     for i, t in enumerate(tensors):

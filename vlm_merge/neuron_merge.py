@@ -14,7 +14,7 @@ from .detect import read_neuron_json
 from .inference import pick_device, pick_dtype
 
 # %% auto #0
-__all__ = ['MERGE_RULES', 'merge_neuron_rows', 'merge_weight', 'neuron_merge', 'neuron_merge_cli']
+__all__ = ['MERGE_RULES', 'merge_neuron_rows', 'merge_weight', 'check_finite', 'neuron_merge', 'neuron_merge_cli']
 
 # %% ../nbs/06_neuron_merge.ipynb #6d0115de
 MERGE_RULES = ('mean', 'lora', 'lora_rows', 'pca')
@@ -83,6 +83,17 @@ def merge_weight(w_base:torch.Tensor, w_a:torch.Tensor, w_b:torch.Tensor, # full
     else: out[idx] = m
     return out
 
+# %% ../nbs/06_neuron_merge.ipynb #e8c1560b
+def check_finite(t:torch.Tensor, # a tensor read from an input
+                 key:str, # its name
+                 where # the reader (or path) it came from
+                ) -> torch.Tensor:
+    "`t` itself, or a ValueError naming the input and tensor when a float tensor holds NaN or Inf (as `merge` refuses them)."
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise ValueError(f'NaN/Inf in input: {n} non-finite value(s) in {key} of {getattr(where, "path", where)}')
+    return t
+
 # %% ../nbs/06_neuron_merge.ipynb #9bc1d6b0
 def _canon_index(reader:CheckpointReader) -> dict:
     out = {}
@@ -114,11 +125,12 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
     kw = dict(method=method, lora_rank=lora_rank, lora_beta=lora_beta, pca_k=pca_k, pca_alpha=pca_alpha)
     stats = {'changed_tensors': 0, 'changed_neurons': 0}
     with CheckpointReader(base) as rb, CheckpointReader(model_a) as ra, CheckpointReader(model_b) as rB:
+        if not rb.config: raise ValueError(f'{rb.path}: the base has no config.json, so the merged folder would not load')
         ca, cb = _canon_index(ra), _canon_index(rB)
         used, geom = set(), None
         with ShardedWriter(output_dir, shard_size, overwrite=overwrite, inputs=[base, model_a, model_b]) as w:
             for key in tqdm(rb.keys(), desc=f'neuron merge ({method})', disable=not progress):
-                t = rb.get(key)
+                t = check_finite(rb.get(key), key, rb)
                 info = parse_key(key)
                 lm = info.component == 'lm_layer' and info.suffix == 'weight'
                 if lm and info.group in FUSED:   # fused q/k/v or gate/up: each member's rows, one after the other
@@ -128,7 +140,7 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
                     c = canonical_key(key)
                     for nm, cidx, r in (('model_a', ca, ra), ('model_b', cb, rB)):
                         if c not in cidx: raise KeyError(f'{nm} ({r.path}) has no tensor matching {key} (canonical {c})')
-                    ta, tb = ra.get(ca[c], device=dev), rB.get(cb[c], device=dev)
+                    ta, tb = check_finite(ra.get(ca[c], device=dev), ca[c], ra), check_finite(rB.get(cb[c], device=dev), cb[c], rB)
                     m = t.to(dev)
                     for g, idx in parts:
                         if info.group in FUSED:   # member indices -> rows of the fused weight
@@ -160,18 +172,8 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
 def neuron_merge_cli(argv:list|None=None # command-line arguments (after `vlm-merge neuron-merge`)
                     ) -> int:
     "`vlm-merge neuron-merge`: merge only the shared neurons of model A and model B into the base."
-    p = argparse.ArgumentParser(prog='vlm-merge neuron-merge', description=neuron_merge_cli.__doc__)
-    p.add_argument('--base', required=True); p.add_argument('--model_a', required=True); p.add_argument('--model_b', required=True)
-    p.add_argument('--json', required=True, help='shared-neuron JSON (from vlm-merge shared)')
-    p.add_argument('--output_dir', required=True)
-    p.add_argument('--merge_method', choices=MERGE_RULES, default='lora')
-    p.add_argument('--lora_rank', type=int, default=4); p.add_argument('--lora_beta', type=float, default=0.5)
-    p.add_argument('--pca_k', type=int, default=4); p.add_argument('--pca_alpha', type=float, default=0.5)
-    p.add_argument('--dtype', default=None, help='float16, bfloat16, float32 (default: keep the base dtype)')
-    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', or 'auto'")
-    p.add_argument('--shard_size', default='5GB')
-    p.add_argument('--overwrite', action='store_true')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('neuron-merge', argv)
     out = neuron_merge(a.base, a.model_a, a.model_b, a.json, a.output_dir, a.merge_method, a.lora_rank, a.lora_beta,
                        a.pca_k, a.pca_alpha, a.dtype, a.device, a.shard_size, a.overwrite)
     print(f'merged model: {out}')

@@ -99,6 +99,7 @@ class PipelineConfig:
     dtype: str = 'auto'                          # detection dtype
     merge_dtype: str|None = None                 # output dtype of merges (None keeps the base's)
     evaluate: dict|None = None                   # {task, data, limit, max_new_tokens, batch_size} or None
+    trust_remote_code: bool = False              # let model folders' own Python code run (only for models you trust)
 
     @classmethod
     def from_dict(cls, d:dict, env:dict|None=None, **overrides):
@@ -198,7 +199,8 @@ def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
     t0 = time.time()
     samples = load_detection_samples(task, cfg.corpus_path, cfg.multimodal_file, cfg.lang, cfg.sample_size, cfg.seed)
     det = detect_neurons(model, samples, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, progress=not quiet,
-                         keep_per_sample=per_sample, drop_images=cfg.drop_images)
+                         keep_per_sample=per_sample, drop_images=cfg.drop_images,
+                         trust_remote_code=cfg.trust_remote_code)
     det.meta.update(task=task); det.save(spath); mark_done(spath, {**params, 'per_sample': True} if per_sample else params)
     log.append(('detect', what, f'{time.time() - t0:.1f}s'))
     return det, spath
@@ -248,7 +250,7 @@ def _evaluate(model_path:str, ev:dict, cfg:PipelineConfig) -> dict:
         _, summ = evaluate(model_path, ev.get('task', 'multimodal'), data, batch_size=ev.get('batch_size', 16),
                            max_new_tokens=ev.get('max_new_tokens', 16), limit=ev.get('limit'),
                            device='cpu' if cfg.device == 'auto' and not _has_cuda() else ('cuda' if cfg.device == 'auto' else cfg.device),
-                           progress=False)
+                           progress=False, trust_remote_code=cfg.trust_remote_code)
         res[label] = dict(accuracy=float(summ['accuracy']), n=int(summ['n']))
     return res
 
@@ -306,17 +308,10 @@ def run_pipeline(cfg:PipelineConfig|dict, # the run's config
 def run_cli(argv:list|None=None # command-line arguments (after `vlm-merge run`)
            ) -> int:
     "`vlm-merge run CONFIG`: detection -> shared -> merge -> evaluation for every model of a YAML config."
-    p = argparse.ArgumentParser(prog='vlm-merge run', description=run_cli.__doc__)
-    p.add_argument('config', help='YAML config (see the pipeline notebook)')
-    p.add_argument('--neuron_base', help='overrides the config and NEURON_BASE')
-    p.add_argument('--output_base', help='overrides the config and OUTPUT_BASE')
-    p.add_argument('--corpus_path', help='overrides the config and CORPUS_PATH')
-    p.add_argument('--multimodal_file', help='overrides the config and MULTIMODAL_FILE')
-    p.add_argument('--sample_size', type=int, help='overrides the config and SAMPLE_SIZE')
-    p.add_argument('--skip_detect', action='store_true', default=None, help='as SKIP_DETECT=1: detections must exist')
-    p.add_argument('--device'); p.add_argument('--quiet', action='store_true')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('run', argv)
     ov = {k: getattr(a, k) for k in ('neuron_base', 'output_base', 'corpus_path', 'multimodal_file', 'sample_size', 'skip_detect', 'device')}
+    if a.trust_remote_code: ov['trust_remote_code'] = True
     df = run_pipeline(PipelineConfig.from_yaml(a.config, **ov), quiet=a.quiet)
     print(df.to_string(index=False))
     return 0
@@ -382,17 +377,12 @@ def format_demo_table(df:'pd.DataFrame', out:Path|str='') -> str:
 def demo_cli(argv:list|None=None # command-line arguments (after `vlm-merge demo`)
             ) -> int:
     "`vlm-merge demo`: detection, shared neurons, lora and mean merges and evaluation on the built-in zoo."
-    p = argparse.ArgumentParser(prog='vlm-merge demo', description=demo_cli.__doc__)
-    p.add_argument('--out', default='./vlm_merge_demo'); p.add_argument('--overwrite', action='store_true')
-    p.add_argument('--methods', default='lora,mean', help='comma-separated subset of ' + ','.join(MERGE_RULES))
-    p.add_argument('--sample_size', type=int, default=32); p.add_argument('--limit', type=int, default=100)
-    p.add_argument('--vlm', default='vlm-2', help="zoo VLM to merge into: 'vlm-2' (Idefics3) or 'vlm-llava'")
-    p.add_argument('--device', default='cpu'); p.add_argument('--quiet', action='store_true')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('demo', argv)
     try:
         df = demo(a.out, a.overwrite, vlm=a.vlm, methods=tuple(a.methods.split(',')), sample_size=a.sample_size, limit=a.limit,
                   device=a.device, quiet=a.quiet)
     except FileExistsError as e:
-        print(f'vlm-merge demo: {e}'); return 2
+        import sys; print(f'vlm-merge demo: error: {e}', file=sys.stderr); return 2
     if a.quiet: print(format_demo_table(df, a.out))
     return 0

@@ -220,17 +220,8 @@ def shared_neurons(json_a:str|Path|dict,  # neuron JSON (or dict) of model A, e.
 def shared_cli(argv:list|None=None # command-line arguments (after `vlm-merge shared`)
               ) -> int:
     "`vlm-merge shared`: shared neurons between two detections, with per-layer statistics and a heat map."
-    p = argparse.ArgumentParser(prog='vlm-merge shared', description=shared_cli.__doc__)
-    p.add_argument('json_a', help='neuron JSON of model A (e.g. the VLM on image problems)')
-    p.add_argument('json_b', help='neuron JSON of model B (e.g. the reasoning LLM on GSM)')
-    p.add_argument('--model_a', help="A's folder or Hub id (validates indices, maps k/v heads)")
-    p.add_argument('--model_b', help="B's folder or Hub id")
-    p.add_argument('--op', choices=OPS, default='intersection')
-    p.add_argument('--kv', choices=['detected', 'from_q'], default='detected')
-    p.add_argument('--output_path', default='.', help='folder for the outputs')
-    p.add_argument('--name', default='shared_VL_reasoning.json')
-    p.add_argument('--no_plot', action='store_true')
-    a = p.parse_args(argv)
+    from vlm_merge.cli import parse_args
+    a = parse_args('shared', argv)
     out = shared_neurons(a.json_a, a.json_b, a.model_a, a.model_b, a.op, a.kv)
     dst = write_neuron_json(out, Path(a.output_path)/a.name)
     ga = _geometry(a.model_a)

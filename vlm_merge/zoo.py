@@ -645,20 +645,19 @@ def zoo_tokenizer():
 
 # %% ../nbs/03_zoo.ipynb #84c9e7df
 def zoo_cli(argv:list|None=None) -> int:
-    "`vlm-merge zoo build [--out DIR] [--seed N] [--workers N] [--overwrite]` or `vlm-merge zoo info`."
-    p = argparse.ArgumentParser(prog='vlm-merge zoo', description='Build or describe the zoo of tiny trained models.')
-    sub = p.add_subparsers(dest='cmd', required=True)
-    b = sub.add_parser('build', help='train the zoo on CPU (minutes) and write it')
-    b.add_argument('--out', default=None, help='output folder (default: ~/.cache/vlm_merge/zoo)')
-    b.add_argument('--seed', type=int, default=0, help='seed of data, initialisation and batch order')
-    b.add_argument('--workers', type=int, default=2, help='training processes (results do not depend on it)')
-    b.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    sub.add_parser('info', help='print the manifest (paths and accuracies) as JSON')
-    a = p.parse_args(argv)
+    "`vlm-merge zoo build [--out DIR] [--seed N] [--workers N] [--overwrite]` or `vlm-merge zoo info [--json]`."
+    from vlm_merge.cli import parse_args
+    a = parse_args('zoo', argv)
     if a.cmd == 'build':
         out = Path(a.out) if a.out else Path.home() / '.cache' / 'vlm_merge' / 'zoo'
         build_zoo(out, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
         print(json.dumps({'out': str(out), **{k: v for k, v in json.loads((out / 'manifest.json').read_text()).items() if k in ('build_wall_s', 'size_mb')}}))
         return 0
-    m = zoo_manifest(); m['root'] = str(zoo_dir())
-    print(json.dumps(m, indent=1)); return 0
+    m, root = zoo_manifest(), zoo_dir()
+    if a.json: m['root'] = str(root); print(json.dumps(m, indent=1)); return 0
+    print(f'zoo: {root}\ndata: {root / "data"}\nmodels (use a name wherever a model is asked for, e.g. `vlm-merge inspect NAME`):')
+    for n, v in m['models'].items():
+        acc = ', '.join(f"{t} {r['accuracy']:.2f}" for t, r in (v.get('accuracy') or {}).items() if isinstance(r, dict) and 'accuracy' in r)
+        print(f"  {n:<12} {v.get('class', ''):<36} {acc}")
+    print('data files: ' + ', '.join(sorted(m.get('data', {}))))
+    return 0

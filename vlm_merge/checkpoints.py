@@ -385,7 +385,6 @@ _AUTO_MAP_FILES = ('config.json', 'tokenizer_config.json', 'processor_config.jso
 def remote_code_files(folder:str|os.PathLike # a model folder
                      ) -> list[str]:
     "The remote-code `.py` files of a model folder: modules named by `auto_map` in its configs, and their relative imports, recursively."
-    import re
     folder = Path(folder)
     todo = []
     for name in _AUTO_MAP_FILES:

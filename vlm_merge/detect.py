@@ -167,17 +167,10 @@ class Detection:
 
     def save(self, path:str|Path) -> Path:
         "Write the scores (and per-sample scores) to one safetensors file, atomically."
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        from vlm_merge.data import _atomic_write
         t = {f'scores.{g}': v.contiguous() for g, v in self.scores.items()}
         if self.sample_scores: t.update({f'sample_scores.{g}': v.contiguous() for g, v in self.sample_scores.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp'); os.close(fd)
-        try:
-            save_file(t, tmp, metadata={'meta': json.dumps(self.meta)})
-            m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp): os.remove(tmp)
-        return path
+        return _atomic_write(path, lambda tmp: save_file(t, tmp, metadata={'meta': json.dumps(self.meta)}))
 
     @classmethod
     def load(cls, path:str|Path) -> 'Detection':
@@ -197,17 +190,10 @@ def write_neuron_json(neurons:dict, # {group: {layer: [indices]}}
                       path:str|Path  # output file
                      ) -> Path:
     "Write a neuron JSON atomically (temporary sibling renamed at the end)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    from vlm_merge.data import _atomic_write
     clean = {g: {str(l): sorted(int(i) for i in v) for l, v in sorted(d.items(), key=lambda x: int(x[0]))}
              for g, d in neurons.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
-    try:
-        with os.fdopen(fd, 'w') as f: json.dump(clean, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(clean)))
 
 def read_neuron_json(path:str|Path # a neuron JSON file
                     ) -> dict:

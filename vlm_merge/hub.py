@@ -406,14 +406,8 @@ def write_model_card(folder, # the merged folder; README.md is written there
     elif kwargs: raise TypeError(f'write_model_card: pass either card or make_model_card arguments, not both ({sorted(kwargs)})')
     text = _card_text(card)
     ModelCard(text)  # refuses malformed metadata before anything is written
-    fd, tmp = tempfile.mkstemp(prefix='.README.', suffix='.md.tmp', dir=folder)
-    m = os.umask(0); os.umask(m); os.chmod(tmp, 0o666 & ~m)   # mkstemp's 0600 -> the usual 0644
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return target
+    from vlm_merge.data import _atomic_write
+    return _atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 # %% ../nbs/14_hub.ipynb #fc1412da
 class HubUploadError(ValueError):

@@ -83,6 +83,10 @@ HUB_PATTERNS = ['*.safetensors', '*.json', '*.jinja', '*.model', '*.tiktoken', '
                 '*.py']   # remote-code modules (MiniCPM-V, InternVL): copied into outputs, never run here
 BIN_PATTERNS = ['*.bin', '*.bin.index.json', '*.json', '*.jinja', '*.model', '*.tiktoken', '*.txt']
 
+def _inside(p:Path, root:Path) -> bool:
+    "Whether `p`, links resolved, is `root` or lies under it (`root` already resolved)."
+    p = Path(p).resolve(); return p == root or root in p.parents
+
 def _looks_local(s:str) -> bool:
     return s.startswith(('/', '.', '~', '\\')) or s.count('/') > 1 or ':' in s[:3] or s.endswith(('.safetensors', '.bin', '.json'))
 
@@ -242,7 +246,7 @@ class CheckpointReader:
         out = {}
         for k, v in wm.items():
             f = self.index_file.parent/v if isinstance(v, str) else None
-            if f is None or Path(v).is_absolute() or '..' in Path(v).parts or not (f.resolve() == root or root in f.resolve().parents):
+            if f is None or Path(v).is_absolute() or '..' in Path(v).parts or not _inside(f, root):
                 raise CheckpointError(f"{self.index_file}: tensor '{k}' is mapped to {v!r}, outside the model folder; "
                                       'an index may name only shard files inside its own folder')
             out[k] = f

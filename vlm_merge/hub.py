@@ -447,11 +447,12 @@ _LEFTOVER = re.compile(r'(^|/)(\.[^/]*\.(tmp|old)-[^/]*|[^/]*\.tmp|\.vlm_merge_o
 
 def _list_files(folder:Path) -> list:
     "(relative path, size) of the files to upload: no temporaries, no symlink that leads out of `folder` (an error)."
+    from vlm_merge.checkpoints import _inside
     root, rel, out = folder.resolve(), {}, []
     for dp, dns, fns in os.walk(folder):
         for n in sorted(dns + fns):
             p = Path(dp)/n
-            if p.is_symlink() and not (p.resolve() == root or root in p.resolve().parents): out.append((p, p.resolve()))
+            if p.is_symlink() and not _inside(p, root): out.append((p, p.resolve()))
             elif n in fns and p.is_file(): rel[p.relative_to(folder).as_posix()] = p
     if out: raise HubUploadError(f'{out[0][0]} is a symlink to {out[0][1]}, outside {folder}; refusing to upload it'
                                  + (f' ({len(out) - 1} more such links)' if len(out) > 1 else ''))

@@ -311,7 +311,7 @@ def greedy_generate(model,              # a loaded model
 # %% ../nbs/03_zoo.ipynb #f3880463
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
                  base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 300, 'spec-sort': 800,
+ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
              'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1200,
              'vlm-2-tower': 1500, 'vlm-2-align': 400, 'vlm-2': 1200,
              'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 1200}

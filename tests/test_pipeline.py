@@ -13,7 +13,7 @@ def zoo(tmp_path_factory):
     (z/'models').mkdir(); shutil.move(m/'vlm', z/'models'/'vlm-llava'); shutil.move(m/'llm', z/'models'/'reason-lm')
     (z/'data').mkdir()
     write_gsm_tsv(make_gsm(12, seed=1), z/'data'/'llama3ds_math.tsv')
-    for k in ('perception', 'reasoning'): write_geometry_parquet(make_geometry(6, seed=5, kind=k), z/'data'/f'geometry_{k}.parquet')
+    for k in ('perception', 'chain', 'reasoning'): write_geometry_parquet(make_geometry(6, seed=5, kind=k), z/'data'/f'geometry_{k}.parquet')
     (z/'manifest.json').write_text(json.dumps({'models': {n: {'path': f'models/{n}'} for n in ('vlm-llava', 'reason-lm')}}))
     return z
 
@@ -64,6 +64,8 @@ def test_demo_end_to_end(zoo, tmp_path, monkeypatch, capsys):
     assert demo_cli(['--out', str(out), '--limit', '4', '--quiet', '--vlm', 'vlm-llava']) == 0
     txt = capsys.readouterr().out
     assert 'vlm-llava_lora' in txt and 'vlm-llava_mean' in txt and 'vs the unmerged VLM' in txt
+    assert 'chain_acc' in txt and 'chain: read the labels, then compute' in txt   # the kind that needs both skills, explained
+    assert list(pd.read_csv(out/'results.tsv', sep='\t').columns).count('chain_vs_base') == 1
     assert (out/'overlap_heatmap.png').exists() and (out/'merged'/'vlm-llava_lora'/'config.json').exists()
     assert demo_cli(['--out', str(out), '--limit', '4', '--quiet', '--vlm', 'vlm-llava']) == 2   # refuses a non-empty folder
     (tmp_path/'mine').mkdir(); (tmp_path/'mine'/'x').write_text('keep')

@@ -148,6 +148,8 @@ def _zoo_args(p):
     b.add_argument('--seed', type=int, default=0, help='seed of data, initialisation and batch order')
     b.add_argument('--workers', type=positive_int, default=2, help='training processes (results do not depend on it)')
     b.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    b.add_argument('--only', default=None, metavar='NAME[,NAME]',
+                   help='retrain just these models inside the existing zoo at --out (same --seed); the rest is kept')
 
 # %% ../nbs/99_cli.ipynb #e8b78669
 def _infer_args(p):

@@ -13,8 +13,8 @@ from .shared import shared_neurons, overlap_table, overlap_heatmap, group_sizes,
 from .neuron_merge import neuron_merge, MERGE_RULES
 
 # %% auto #0
-__all__ = ['PRESETS', 'SELECTIONS', 'DEMO_MARKER', 'PresetGuessWarning', 'preset_for', 'PipelineConfig', 'stage_done',
-           'mark_done', 'run_pipeline', 'run_cli', 'demo', 'format_demo_table', 'demo_cli']
+__all__ = ['PRESETS', 'SELECTIONS', 'DEMO_MARKER', 'DEMO_KINDS', 'PresetGuessWarning', 'preset_for', 'PipelineConfig',
+           'stage_done', 'mark_done', 'run_pipeline', 'run_cli', 'demo', 'format_demo_table', 'demo_cli']
 
 # %% ../nbs/15_pipeline.ipynb #6445491f
 PRESETS = {
@@ -318,6 +318,8 @@ def run_cli(argv:list|None=None # command-line arguments (after `vlm-merge run`)
 
 # %% ../nbs/15_pipeline.ipynb #ded6e52a
 DEMO_MARKER = '.vlm_merge_demo'
+DEMO_KINDS = {'perception': "read one value off the figure (the VLM's own skill)",
+              'chain': 'read the labels, then compute a perimeter or an angle (needs reading and reasoning)'}
 
 def _prepare_out(out:Path, overwrite:bool) -> None:
     if out.exists() and any(out.iterdir()):
@@ -344,14 +346,14 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
     from vlm_merge.data import make_geometry, write_geometry_parquet
     out = Path(out); t0 = time.time()
     vpath, rpath = zoo_path(vlm), zoo_path(reasoner)       # fail early when the zoo is missing
-    evals = {k: str(zoo_data_path(f'geometry_{k}.parquet')) for k in ('perception', 'reasoning')}
+    evals = {k: str(zoo_data_path(f'geometry_{k}.parquet')) for k in DEMO_KINDS}
     _prepare_out(out, overwrite)
     write_geometry_parquet(make_geometry(sample_size, seed=9001, kind='mixed'), out/'data'/'detect_geometry.parquet')
     cfg = PipelineConfig.from_dict(dict(
         models=[{'name': vlm, 'base': str(vpath), 'preset': preset_for(zoo_manifest()['models'][vlm].get('model_type', vlm))}], reasoning_model=str(rpath), methods=list(methods),
         neuron_base=str(out/'neurons'), output_base=str(out/'merged'), corpus_path=str(zoo_data_path('llama3ds_math.tsv').parent),
         multimodal_file=str(out/'data'/'detect_geometry.parquet'), sample_size=sample_size, device=device, dtype='auto',
-        batch_size=8, evaluate=dict(task='multimodal', data=evals, limit=limit, max_new_tokens=12, batch_size=batch_size)), env={})
+        batch_size=8, evaluate=dict(task='multimodal', data=evals, limit=limit, max_new_tokens=64, batch_size=batch_size)), env={})
     df = run_pipeline(cfg, quiet=quiet)
     shutil.copyfile(out/'neurons'/f'compare_{vlm}'/'overlap_heatmap.png', out/'overlap_heatmap.png')
     for k in evals:
@@ -362,14 +364,17 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
     return df
 
 def format_demo_table(df:'pd.DataFrame', out:Path|str='') -> str:
-    "The demo's table, with a plain verdict per merge."
-    cols = ['model', 'method', 'shared_neurons', 'perception_acc', 'reasoning_acc', 'perception_vs_base', 'reasoning_vs_base', 'perception_n']
-    t = df[[c for c in cols if c in df]].rename(columns={'perception_n': 'n/kind'})
+    "The demo's table, what its columns mean, and a plain verdict per merge."
+    kinds = [k for k in DEMO_KINDS if f'{k}_acc' in df]
+    cols = ['model', 'method', 'shared_neurons'] + [f'{k}_acc' for k in kinds] + [f'{k}_vs_base' for k in kinds] + [f'{kinds[0]}_n']
+    t = df[[c for c in cols if c in df]].rename(columns={f'{kinds[0]}_n': 'n/kind'})
     lines = [t.to_string(index=False, float_format='{:.3f}'.format), '']
+    lines += [f'{k}: {DEMO_KINDS[k]}' for k in kinds]
+    lines += ['*_acc: accuracy on held-out problems; *_vs_base: change against the unmerged VLM (first row); n/kind: problems per kind', '']
     for _, r in df.iloc[1:].iterrows():
-        dp, dr = r['perception_vs_base'], r['reasoning_vs_base']
-        verdict = ('helps' if dp + dr > 0 and min(dp, dr) >= -0.02 else 'does not help' if dp + dr <= 0 else 'mixed')
-        lines.append(f"{r['method']}: perception {dp:+.3f}, reasoning {dr:+.3f} vs the unmerged VLM -> {verdict}")
+        d = [r[f'{k}_vs_base'] for k in kinds]
+        verdict = 'helps' if sum(d) > 0 and min(d) >= -0.02 else 'does not help' if sum(d) <= 0 else 'mixed'
+        lines.append(f"{r['method']}: " + ', '.join(f'{k} {x:+.3f}' for k, x in zip(kinds, d)) + f' vs the unmerged VLM -> {verdict}')
     if 'seconds' in df.attrs: lines.append(f"time: {df.attrs['seconds']:.0f}s")
     if out: lines.append(f'outputs: {out}/results.tsv, {out}/overlap_heatmap.png, {out}/merged/')
     return '\n'.join(lines)

@@ -8,17 +8,19 @@ import argparse, base64, io, json, math, os, random, shutil, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from tqdm.auto import tqdm
+from .data import _LABEL_KEYS, figure_labels
 
 # %% auto #0
-__all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'VISION_LR',
-           'VLM_LM_LR', 'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config',
-           'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate',
-           'train_model', 'greedy_generate', 'vision_answer', 'reading_answer', 'LabelProbe', 'label_targets',
-           'tower_features', 'pretrain_tower', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path', 'zoo_data_path',
-           'zoo_tokenizer', 'zoo_cli']
+__all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR',
+           'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus',
+           'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt',
+           'encode_example', 'collate', 'train_model', 'greedy_generate', 'vision_answer', 'reading_answer',
+           'pretraining_mix', 'LabelProbe', 'label_targets', 'tower_features', 'pretrain_tower', 'lm_delta_norm',
+           'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path', 'zoo_data_path', 'zoo_tokenizer', 'zoo_cli']
 
 # %% ../nbs/03_zoo.ipynb #b7dd42d7
-ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2', 'wide-lm')
+ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2',
+              'wide-base', 'wide-lm', 'wide-vlm')
 SPEC_TASKS = {  # specialist name -> (instruction verb shared prompt format 'VERB the digits: D', digit-string function)
     'spec-mirror':  ('Mirror',  lambda s: ''.join(str(9 - int(c)) for c in s)),
     'spec-sort':    ('Sort',    lambda s: ''.join(sorted(s))),
@@ -64,6 +66,14 @@ def _arith(r:random.Random, max_value:int=ZOO_GSM['max_value']) -> tuple[str, in
     else: a = r.randint(1, max_value // 2); b = r.randint(2, max(2, min(5, max_value // a))); c = a * b
     return f'{a} {op} {b}', c
 
+def _figure_fact(r:random.Random) -> tuple[str, int]:
+    "One arithmetic fact in the ranges of the figures' chain questions: sums of labels, doubling, four times, 180 minus."
+    k = r.randrange(4)
+    if k == 0: a, b = r.randint(2, 30), r.randint(2, 19); return f'{a} + {b}', a + b
+    if k == 1: a = r.randint(4, 38); return f'{a} * 2', 2 * a
+    if k == 2: a = r.randint(2, 19); return f'{a} * 4', 4 * a
+    a = 10 * r.randint(6, 16); return f'180 - {a}', 180 - a
+
 def generic_corpus(n:int, # number of documents
                    seed:int=0 # RNG seed
                   ) -> list[dict]:
@@ -73,7 +83,8 @@ def generic_corpus(n:int, # number of documents
         k = r.random()
         a, b = r.randint(0, 60), r.randint(0, 40)
         if k < 0.35:
-            facts = [' = '.join(map(str, _arith(r))) for _ in range(r.randint(3, 6))]
+            fact = _arith if k < 0.25 else _figure_fact
+            facts = [' = '.join(map(str, fact(r))) for _ in range(r.randint(3, 6))]
             out.append({'prompt': None, 'answer': '\n'.join(facts)})
         elif k < 0.55:
             n1, n2 = r.sample(_NAMES, 2); t = r.choice(_THINGS)
@@ -103,7 +114,7 @@ def spec_data(name:str, # a key of SPEC_TASKS
     for _ in range(n):
         d = ''.join(r.choice('0123456789') for _ in range(r.randint(*lengths)))
         rows.append({'prompt': f"{verb} the digits: {d}", 'answer': fn(d)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=['prompt', 'answer'])
 
 # %% ../nbs/03_zoo.ipynb #6424ca76
 def lm_config(tok,             # the zoo tokenizer (vocabulary size and special ids)
@@ -112,10 +123,12 @@ def lm_config(tok,             # the zoo tokenizer (vocabulary size and special 
               heads:int=4,     # attention heads
               kv_heads:int=2,  # key/value heads (GQA when fewer than heads)
               inter:int=384,   # MLP intermediate size
+              family:str='llama', # 'llama' or 'qwen2' (biases on q/k/v)
              ):
-    "A tiny `LlamaConfig` for the zoo tokenizer `tok` (untied embeddings, GQA)."
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    "A tiny `LlamaConfig` (or `Qwen2Config`) for the zoo tokenizer `tok` (untied embeddings, GQA)."
+    from transformers import LlamaConfig, Qwen2Config
+    if family not in ('llama', 'qwen2'): raise ValueError(f"lm_config: family must be 'llama' or 'qwen2', got {family!r}")
+    return (LlamaConfig if family == 'llama' else Qwen2Config)(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0)
@@ -224,6 +237,10 @@ def _warmup_cosine(opt, steps:int, warmup:int, min_lr_frac:float):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
                                              (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
 
+def _curve(losses:list, every:int=50) -> list:
+    "Mean loss over each run of `every` steps: the training curve the manifest keeps."
+    return [round(float(np.mean(losses[i:i + every])), 4) for i in range(0, len(losses), every)]
+
 def train_model(model,               # any transformers model that returns `.loss` from labels
                 examples:list[dict],  # encoded examples (`encode_example`)
                 pad_id:int,           # padding token id
@@ -263,7 +280,7 @@ def train_model(model,               # any transformers model that returns `.los
             if not sys.stdout.isatty(): print(f'[{desc}] step {s + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} {time.time() - t0:.0f}s', flush=True)
     model.eval()
     return {'steps': steps, 'batch_size': batch_size, 'lr': lr, **({'lr_groups': dict(lr_groups)} if lr_groups else {}), 'seconds': round(time.time() - t0, 1),
-            'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4)}
+            'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4), 'curve': _curve(losses)}
 
 # %% ../nbs/03_zoo.ipynb #8ad6a4b2
 @torch.no_grad()
@@ -292,16 +309,26 @@ def greedy_generate(model,              # a loaded model
     return outs
 
 # %% ../nbs/03_zoo.ipynb #f3880463
-ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 250, 'reason-lm': 900, 'spec': 400, 'spec-sort': 450, 'vlm-llava': 1600, 'vlm-llava-tower': 1500, 'vlm-2': 1800, 'wide-lm': 500}
-VISION_LR = 3e-3   # peak learning rate of the VLMs' vision tower and projector
-VLM_LM_LR = {'llava': 1e-3, 'idefics3': 2e-3}   # peak learning rate of the VLMs' language model
-# 'vlm-llava-tower': steps of stage 0, where vlm-llava's CLIP tower learns to read the labels before the model trains end to end
+ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
+                 base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
+ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
+             'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1200,
+             'vlm-2-tower': 1500, 'vlm-2-align': 400, 'vlm-2': 1200,
+             'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 1200}
+# a VLM trains in three stages: NAME-tower (stage 0, the tower learns to read labels under a probe), NAME-align
+# (stage 1, the projector learns with the tower and the language model frozen), NAME (stage 2, a light fine-tune of the
+# language model, the projector still learning)
+BASE_LR = 3e-3     # peak learning rate of pretraining (base-lm, wide-base)
+FT_LR = 1e-3       # peak learning rate of every fine-tune of a base: reason-lm, wide-lm, the specialists, the VLMs' language models
+VISION_LR = 3e-3   # peak learning rate of the VLMs' projectors (stage 1; a tenth of it in stage 2)
+SPEC_REPLAY = 0.5  # a specialist also sees this many other-task prompts per own example, answered by base-lm itself
+WIDE_ARCH = dict(hidden=192, layers=3, heads=6, kv_heads=2, inter=512, family='qwen2')   # the second family: Qwen2, wider and shallower
 
 
-def _dedupe(test:pd.DataFrame, train:pd.DataFrame, cols:list[str]) -> pd.DataFrame:
-    "Rows of `test` whose `cols` do not occur in `train` (held-out means unseen)."
-    seen = set(map(tuple, train[cols].astype(str).values.tolist()))
+def _dedupe(test:pd.DataFrame, train:pd.DataFrame|list, cols:list[str]) -> pd.DataFrame:
+    "Rows of `test` whose `cols` occur in no table of `train` (held-out means unseen)."
+    seen = set()
+    for t in (train if isinstance(train, list) else [train]): seen |= set(map(tuple, t[cols].astype(str).values.tolist()))
     keep = [tuple(r) not in seen for r in test[cols].astype(str).values.tolist()]
     return test[keep].reset_index(drop=True)
 
@@ -319,10 +346,10 @@ def _eval_text(model_path, tok, df:pd.DataFrame, max_new_tokens:int=16, batch_si
     return {'accuracy': float(np.mean(ok)), 'n': len(ok), 'evaluator': 'vlm_merge.zoo.greedy_generate (exact match)',
             'examples': [[p, str(a)] for p, a in list(zip(preds, df.answer))[:3]]}
 
-def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50) -> dict:
+def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50, max_new_tokens:int|None=None) -> dict:
     "Accuracy of a zoo model on 'gsm' (text) or 'multimodal' data, measured with `vlm_merge.inference.evaluate`."
     from vlm_merge.inference import evaluate
-    preds, s = evaluate(str(model_path), task, df, batch_size=batch_size, max_new_tokens=64 if task == 'gsm' else 16,
+    preds, s = evaluate(str(model_path), task, df, batch_size=batch_size, max_new_tokens=max_new_tokens or (64 if task == 'gsm' else 16),
                         progress=False)
     out = {'accuracy': s['accuracy'], 'n': s['n'], 'evaluator': 'vlm_merge.inference.evaluate (greedy)',
            'examples': [[str(p), str(g)] for p, g in zip(preds.prediction[:3], preds.gold[:3])]}
@@ -333,11 +360,10 @@ def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50) -> dict
 def vision_answer(letter:str, # the gold letter (kept for the signature: the reply is the value, `extract_choice` maps it to its letter)
                   figure:str, # the row's `figure` JSON (its `value` is the number the question asks for)
                  ) -> str:
-    "The VLMs' trained reply: the value read from the figure, e.g. '11'; the evaluator maps a value to the letter of the choice that holds it."
-    return str(json.loads(figure)['value'])
+    "The VLMs' trained reply: the value read from the figure in reason-lm's final-answer format, e.g. '#### 11'; the evaluator maps it to its choice."
+    return f"#### {json.loads(figure)['value']}"
 
 READ_PROMPT = 'Read the labels.'
-from .data import _LABEL_KEYS, figure_labels
 
 def reading_answer(figure:str, # the row's `figure` JSON
                   ) -> str:
@@ -346,45 +372,69 @@ def reading_answer(figure:str, # the row's `figure` JSON
 
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 
+_TABLES = {  # data kind -> (size key in ZOO_SIZES, seed offset); 'base-*' tables are the pretraining mixture's, drawn apart
+    'gsm': ('train_gsm', 2), 'perception': ('train_geo', 4), 'chain': ('train_chain', 6),
+    'base-gsm': ('base_gsm', 12), 'base-perception': ('base_geo', 14), 'base-chain': ('base_chain', 16)}
+
 def _train_table(kind:str, seed:int, Z:dict) -> pd.DataFrame:
-    "The training table of data kind 'gsm', a specialist task or 'perception': its size and seed in one place, for training, the test sets' deduplication and stage 0."
+    "The training table of data kind 'gsm', 'perception', 'chain', a specialist task, or 'base-KIND' (the pretraining mixture's): size and seed in one place."
     from vlm_merge.data import make_gsm, make_geometry
-    if kind == 'gsm': return make_gsm(Z['train_gsm'], seed=seed + 2, **ZOO_GSM)
     if kind in SPEC_TASKS: return spec_data(kind, Z['train_spec'], seed=seed + 3)
-    if kind == 'perception': return make_geometry(Z['train_geo'], seed=seed + 4, kind='perception')
-    raise ValueError(f'unknown training data kind {kind!r}')
+    if kind.startswith('base-') and kind[5:] in SPEC_TASKS: return spec_data(kind[5:], Z['base_spec'], seed=seed + 13)
+    if kind not in _TABLES: raise ValueError(f'unknown training data kind {kind!r}')
+    size, off = _TABLES[kind]; n, s = Z[size], seed + off
+    if kind.endswith('gsm'): return make_gsm(n, seed=s, **ZOO_GSM)
+    return make_geometry(n, seed=s, kind=kind.split('-')[-1])
+
+# %% ../nbs/03_zoo.ipynb #0951d17f
+def pretraining_mix(seed:int, # the zoo's seed
+                    Z:dict,   # data sizes (ZOO_SIZES)
+                   ) -> list[dict]:
+    "base-lm's pretraining documents ({'prompt', 'answer'}): generic text, plus a little of every task the fine-tunes sharpen."
+    from vlm_merge.data import gsm_prompt, geometry_prompt, geometry_solution, text_problem
+    docs = generic_corpus(Z['train_generic'], seed=seed + 1)
+    g = _train_table('base-gsm', seed, Z); docs += [{'prompt': gsm_prompt(q), 'answer': a} for q, a in zip(g.question, g.answer)]
+    for s in SPEC_TASKS: docs += _train_table(f'base-{s}', seed, Z).to_dict('records')
+    pe = _train_table('base-perception', seed, Z)   # figure questions with the labels stated in words
+    docs += [{'prompt': geometry_prompt(text_problem(p, f), list(c)), 'answer': vision_answer(a, f)}
+             for p, c, a, f in zip(pe.problem, pe.choices, pe.answer, pe.figure)]
+    docs += [{'prompt': text_problem(READ_PROMPT, f), 'answer': reading_answer(f)} for f in pe.figure]
+    ch = _train_table('base-chain', seed, Z)
+    docs += [{'prompt': geometry_prompt(text_problem(p, f), list(c)), 'answer': geometry_solution(f)}
+             for p, c, f in zip(ch.problem, ch.choices, ch.figure)]
+    return docs
 
 def _train_examples(kind:str, tok, seed:int, proc=None, sizes:dict|None=None) -> list[dict]:
-    "Training examples (encoded) for a job kind; data drawn from seeds disjoint from the test seeds."
-    from vlm_merge.data import gsm_prompt, geometry_prompt, to_pil
+    "Training examples (encoded) for a job kind: 'base' (pretraining), 'reason' (GSM and chain questions in words), a specialist, 'perception' (figures)."
+    from vlm_merge.data import gsm_prompt, geometry_prompt, geometry_solution, text_problem, to_pil
     Z = {**ZOO_SIZES, **(sizes or {})}
-    if kind == 'generic':
-        return [encode_example(tok, g['prompt'], g['answer']) for g in generic_corpus(Z['train_generic'], seed=seed + 1)]
-    df = _train_table(kind, seed, Z)   # raises on an unknown kind
-    if kind == 'gsm':
-        return [encode_example(tok, gsm_prompt(q), a) for q, a in zip(df.question, df.answer)]
-    if kind in SPEC_TASKS:
-        return [encode_example(tok, p, a) for p, a in zip(df.prompt, df.answer)]
-    nested = proc.__class__.__name__.startswith('Idefics'); img = lambda x: [to_pil(x)] if nested else to_pil(x)   # 'perception'
+    if kind == 'base': return [encode_example(tok, d['prompt'], d['answer']) for d in pretraining_mix(seed, Z)]
+    if kind == 'reason':
+        g, ch = _train_table('gsm', seed, Z), _train_table('chain', seed, Z)
+        return ([encode_example(tok, gsm_prompt(q), a) for q, a in zip(g.question, g.answer)] +
+                [encode_example(tok, geometry_prompt(text_problem(p, f), list(c)), geometry_solution(f))
+                 for p, c, f in zip(ch.problem, ch.choices, ch.figure)])
+    if kind in SPEC_TASKS: return [encode_example(tok, p, a) for p, a in _train_table(kind, seed, Z).values]
+    if kind != 'perception': raise ValueError(f'unknown training data kind {kind!r}')
+    df = _train_table(kind, seed, Z)
+    nested = proc.__class__.__name__.startswith('Idefics'); img = lambda x: [to_pil(x)] if nested else to_pil(x)
     qa = [encode_example(tok, geometry_prompt(p, list(c)), vision_answer(a, f), proc=proc, image=img(im[0]))
           for p, c, a, im, f in zip(df.problem, df.choices, df.answer, df.images, df.figure)]
-    # the same figures with every label to read: dense supervision that teaches the tower to read digits
+    # the same figures with every label to read: dense supervision, and the first line of a chain answer
     return qa + [encode_example(tok, READ_PROMPT, reading_answer(f), proc=proc, image=img(im[0])) for im, f in zip(df.images, df.figure)]
 
 def _test_sets(seed:int, sizes:dict|None=None) -> dict:
-    "Held-out test tables (train duplicates removed) and the detection corpus, keyed by file name."
+    "Held-out test tables (rows of any training table removed, from ten times as many candidates) and the detection corpus, keyed by file name."
     from vlm_merge.data import make_gsm, make_geometry
-    Z = {**ZOO_SIZES, **(sizes or {})}
-    gtrain = _train_table('gsm', seed, Z)
-    out = {'mgsm_en.tsv': _dedupe(make_gsm(Z['test'] * 2, seed=seed + 1002, **ZOO_GSM), gtrain, ['question']).head(Z['test']),
+    Z = {**ZOO_SIZES, **(sizes or {})}; T = lambda *ks: [_train_table(k, seed, Z) for k in ks]
+    out = {'mgsm_en.tsv': _dedupe(make_gsm(Z['test'] * 10, seed=seed + 1002, **ZOO_GSM), T('gsm', 'base-gsm'), ['question']).head(Z['test']),
            'llama3ds_math.tsv': make_gsm(Z['corpus'], seed=seed + 2002, **ZOO_GSM)}
-    for kind in ('perception', 'reasoning'):
-        tr = _train_table('perception', seed, Z) if kind == 'perception' else None
-        te = make_geometry(Z['test'] * 2, seed=seed + 1004 + (kind == 'reasoning'), kind=kind)
-        if tr is not None: te = _dedupe(te, tr, ['problem', 'figure', 'answer'])
+    for kind, off in (('perception', 1004), ('reasoning', 1005), ('chain', 1006)):
+        te = make_geometry(Z['test'] * 10, seed=seed + off, kind=kind)
+        if kind != 'reasoning': te = _dedupe(te, T(kind, f'base-{kind}'), ['problem', 'figure'])
         out[f'geometry_{kind}.parquet'] = te.head(Z['test']).reset_index(drop=True)
     for name in SPEC_TASKS:
-        out[_spec_file(name)] = _dedupe(spec_data(name, Z['test'] * 2, seed=seed + 1003), _train_table(name, seed, Z),
+        out[_spec_file(name)] = _dedupe(spec_data(name, Z['test'] * 10, seed=seed + 1003), T(name, f'base-{name}'),
                                         ['prompt']).head(Z['test'])
     return out
 
@@ -398,6 +448,7 @@ def _write_data(tables:dict, folder:Path) -> dict:
         else: df.to_csv(p, sep='\t', index=False)
         info[fn] = {'path': f'data/{fn}', 'rows': len(df), 'columns': list(df.columns)}
     return info
+
 
 # %% ../nbs/03_zoo.ipynb #c506975a
 class LabelProbe(torch.nn.Module):
@@ -423,12 +474,13 @@ def label_targets(figures:list[str], # `figure` JSON of each row
             if k in f: t[i, j] = int(f[k])
     return t
 
-def tower_features(tower,              # a vision tower that returns hidden states (CLIPVisionModel)
+def tower_features(tower,              # a vision tower (CLIPVisionModel, or Idefics3's vision transformer)
                    pixel_values,       # (batch, 3, H, W) processed images
-                   layer:int=-1,       # hidden state to take (LLaVA's `vision_feature_layer`)
+                   layer:int|None=-1,  # hidden state to take (LLaVA's `vision_feature_layer`); None: the tower's output (Idefics3)
                    drop_cls:bool=True, # drop the CLS token (LLaVA's 'default' feature strategy)
                   ) -> torch.Tensor:
-    "The patch features LLaVA's projector sees."
+    "The patch features the projector sees."
+    if layer is None: return tower(pixel_values=pixel_values).last_hidden_state
     h = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
     return h[:, 1:] if drop_cls else h
 
@@ -471,52 +523,89 @@ def pretrain_tower(tower,                 # LLaVA's vision tower (trained in pla
     tower.eval()
     out = {'steps': steps, 'batch_size': batch_size, 'lr': lr, 'seconds': round(time.time() - t0, 1),
            'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4),
-           'read_train': accuracy(pixel_values, y)}
+           'curve': _curve(losses), 'read_train': accuracy(pixel_values, y)}
     if eval_pixels is not None: out['read_test'] = accuracy(eval_pixels, label_targets(eval_figures))
     return out
 
-def _pretrain_llava_tower(model, proc, root:Path, seed:int, job:dict) -> dict:
-    "Stage 0 for a zoo LLaVA: the training figures of `_train_examples`, and the held-out perception figures to measure on."
+def _vision_parts(model) -> tuple:
+    "(vision tower, projector) of a zoo LLaVA or Idefics3."
+    m = model.model
+    return (m.vision_tower, m.multi_modal_projector) if hasattr(m, 'vision_tower') else (m.vision_model, m.connector)
+
+def _pretrain_vlm_tower(model, proc, root:Path, seed:int, job:dict) -> dict:
+    "Stage 0 for a zoo VLM: the training figures of `_train_examples`, and the held-out perception figures to measure on."
     from vlm_merge.data import to_pil
-    px = lambda df: proc.image_processor([to_pil(i[0]) for i in df.images], return_tensors='pt')['pixel_values']
+    def px(df):
+        x = proc.image_processor([to_pil(i[0]) for i in df.images], return_tensors='pt')['pixel_values']
+        return x.flatten(0, 1) if x.dim() == 5 else x   # Idefics3: (n, images, 3, H, W), one image each
     tr = _train_table('perception', seed, {**ZOO_SIZES, **job['sizes']})
     te = pd.read_parquet(root / 'data' / 'geometry_perception.parquet')
-    c = model.config
-    return pretrain_tower(model.model.vision_tower, px(tr), list(tr.figure), steps=job['tower_steps'], seed=seed,
-                          layer=c.vision_feature_layer, drop_cls=c.vision_feature_select_strategy == 'default',
+    c = model.config; llava = c.model_type == 'llava'
+    return pretrain_tower(_vision_parts(model)[0], px(tr), list(tr.figure), steps=job['tower_steps'], seed=seed,
+                          layer=c.vision_feature_layer if llava else None, drop_cls=llava and c.vision_feature_select_strategy == 'default',
                           eval_pixels=px(te), eval_figures=list(te.figure), desc=f"{job['name']} tower")
 
 # %% ../nbs/03_zoo.ipynb #51a13f46
+def lm_delta_norm(model,  # a fine-tuned model: a causal LM or a VLM
+                  base,   # the causal LM it started from
+                 ) -> float:
+    "||theta - theta_base|| / ||theta_base|| over the language model (decoder and lm_head): how far a fine-tune moved."
+    dec, head = _lm_of(model)
+    new = {**{f'model.{k}': v for k, v in dec.state_dict().items()}, **{f'lm_head.{k}': v for k, v in head.state_dict().items()}}
+    num = den = 0.0
+    for k, v in base.state_dict().items():
+        num += float((new[k].float() - v.float()).pow(2).sum()); den += float(v.float().pow(2).sum())
+    return round(math.sqrt(num / den), 5)
+
+def _replay_examples(base, tok, name:str, n:int, seed:int) -> list[dict]:
+    "`n` prompts of the other specialists' tasks answered by `base` itself: they keep a fine-tune from taking over the shared prompt format."
+    others = [o for o in SPEC_TASKS if o != name]; exs = []
+    for o in others:
+        d = spec_data(o, n // len(others), seed=seed + 21)
+        ans = greedy_generate(base, tok, list(d.prompt), max_new_tokens=12, batch_size=200)
+        exs += [encode_example(tok, q, a.strip()) for q, a in zip(d.prompt, ans)]
+    return exs
+
+def _train_vlm(model, proc, tok, exs:list, root:Path, seed:int, job:dict) -> dict:
+    "A VLM the LLaVA way: stage 0 the tower reads labels under a probe, stage 1 the projector aligns (tower and LM frozen), stage 2 a light LM fine-tune."
+    tower, proj = _vision_parts(model); dec, head = _lm_of(model); stats = {}
+    if job.get('tower_steps'): stats['tower'] = _pretrain_vlm_tower(model, proc, root, seed, job)
+    tower.requires_grad_(False); dec.requires_grad_(False); head.requires_grad_(False)
+    stats['align'] = train_model(model, exs, tok.pad_token_id, steps=job['align_steps'], batch_size=32, lr=VISION_LR, seed=seed,
+                                 desc=f"{job['name']} align")
+    dec.requires_grad_(True); head.requires_grad_(True)
+    key = 'multi_modal_projector' if hasattr(model.model, 'multi_modal_projector') else 'connector'
+    stats.update(train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=FT_LR, seed=seed + 1,
+                             desc=job['name'], lr_groups={key: VISION_LR / 10}))
+    return stats
+
 def _job(job:dict) -> dict:
     "Train one zoo model in its own process (1 thread, fixed seeds), save it, and measure it. Returns its manifest entry."
     torch.set_num_threads(1); t0 = time.time(); c0 = time.process_time()
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, AutoModelForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, PreTrainedTokenizerFast, AutoModelForCausalLM
+    from transformers import LlavaForConditionalGeneration, Idefics3ForConditionalGeneration
     root, name, seed, kind = Path(job['root']), job['name'], job['seed'], job['kind']
     tok = PreTrainedTokenizerFast.from_pretrained(root / 'tokenizer')
-    torch.manual_seed(seed); proc = tower_stats = None
+    torch.manual_seed(seed); proc = base = None
     if kind == 'base':
-        model = LlamaForCausalLM(lm_config(tok)); exs = _train_examples('generic', tok, seed, sizes=job['sizes']); lr = 3e-3; src = 'random init'
-    elif kind == 'wide':
-        model = LlamaForCausalLM(lm_config(tok, hidden=192, layers=3, heads=6, kv_heads=2, inter=384))
-        exs = _train_examples('generic', tok, seed, sizes=job['sizes'])[:6000] + _train_examples('gsm', tok, seed, sizes=job['sizes']); lr = 3e-3; src = 'random init'
-    elif kind in ('reason', 'spec'):
-        model = AutoModelForCausalLM.from_pretrained(root / 'base-lm', dtype=torch.float32)
-        exs = _train_examples('gsm' if kind == 'reason' else name, tok, seed, sizes=job['sizes']); lr = 2e-3; src = 'base-lm'
+        cfg = lm_config(tok, **job.get('arch', {}))
+        model = (LlamaForCausalLM if cfg.model_type == 'llama' else Qwen2ForCausalLM)(cfg); src = 'random init'
+        exs = _train_examples('base', tok, seed, sizes=job['sizes'])
+        stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=BASE_LR, seed=seed, desc=name, warmup=100)
     else:
-        base = AutoModelForCausalLM.from_pretrained(root / 'base-lm', dtype=torch.float32)
-        parts = llava_parts if kind == 'llava' else idefics3_parts
-        cfg, proc = parts(tok, base.config)
-        from transformers import LlavaForConditionalGeneration, Idefics3ForConditionalGeneration
-        cls = LlavaForConditionalGeneration if kind == 'llava' else Idefics3ForConditionalGeneration
-        model = cls(cfg); init_language_model(model, base); del base
-        exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes']); lr = VLM_LM_LR[kind]; src = 'base-lm (language model); vision random init'
-        if kind == 'llava' and job.get('tower_steps'):   # stage 0: the CLIP tower learns to read the labels on its own, then stays frozen (as in LLaVA-1.5)
-            tower_stats = _pretrain_llava_tower(model, proc, root, seed, job); model.model.vision_tower.requires_grad_(False)
-            src = 'base-lm (language model); vision tower pretrained here to read labels (stage 0), then frozen'
-        names = [n for n, p in model.named_parameters() if p.requires_grad]   # a random tower and the projector learn faster than the LM
-        groups = {k: VISION_LR for k in ('vision', 'projector', 'connector') if any(k in n for n in names)}
-    stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=lr, seed=seed, desc=name,
-                        lr_groups=groups if proc is not None else None)
+        base = AutoModelForCausalLM.from_pretrained(root / job['base'], dtype=torch.float32); src = job['base']
+        if kind in ('reason', 'spec'):
+            model = AutoModelForCausalLM.from_pretrained(root / job['base'], dtype=torch.float32)
+            exs = _train_examples('reason' if kind == 'reason' else name, tok, seed, sizes=job['sizes'])
+            if kind == 'spec' and SPEC_REPLAY: exs += _replay_examples(base, tok, name, int(len(exs) * SPEC_REPLAY), seed)
+            stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=FT_LR, seed=seed, desc=name)
+        else:
+            cfg, proc = (llava_parts if kind == 'llava' else idefics3_parts)(tok, base.config)
+            model = (LlavaForConditionalGeneration if kind == 'llava' else Idefics3ForConditionalGeneration)(cfg)
+            init_language_model(model, base); src = f"{job['base']} (language model); vision random init, trained in 3 stages"
+            exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes'])
+            stats = _train_vlm(model, proc, tok, exs, root, seed, job)
+        stats['lm_delta_rel_norm'] = lm_delta_norm(model, base)
     out = root / name
     model.generation_config.update(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, max_new_tokens=64)
@@ -524,89 +613,130 @@ def _job(job:dict) -> dict:
     model.save_pretrained(out); tok.save_pretrained(out)
     if proc is not None: proc.save_pretrained(out)
     stats.update(train_wall_s=round(time.time() - t0, 1), train_cpu_s=round(time.process_time() - c0, 1), n_train=len(exs))
-    if tower_stats: stats['tower'] = tower_stats
     acc = {}
     for task, fn, n in job['evals']:
         df = (pd.read_parquet(root / 'data' / fn) if fn.endswith('.parquet') else pd.read_csv(root / 'data' / fn, sep='\t', dtype=str)).head(n)
         if task in SPEC_TASKS: acc[task] = _eval_text(out, tok, df)
-        else: acc[task if task == 'gsm' else fn.split('_')[1].split('.')[0]] = _eval_task(out, task, df)
+        else: acc[task if task == 'gsm' else fn.split('_')[1].split('.')[0]] = _eval_task(out, task, df, max_new_tokens=64 if 'chain' in fn else None)
     return {'name': name, 'path': name, 'class': type(model).__name__, 'model_type': model.config.model_type,
             'params': _nparams(model), 'init': src, 'train': stats, 'accuracy': acc, 'size_mb': _dir_mb(out),
             'wall_s': round(time.time() - t0, 1), 'cpu_s': round(time.process_time() - c0, 1)}
 
+
 # %% ../nbs/03_zoo.ipynb #2ad71f84
-FLOORS = {'vlm-llava': ('perception', 0.9), 'vlm-2': ('perception', 0.9), 'reason-lm': ('gsm', 0.8),
-          'spec-mirror': ('spec-mirror', 0.9), 'spec-sort': ('spec-sort', 0.9), 'spec-shift': ('spec-shift', 0.9)}
+FLOORS = {'base-lm': None, 'wide-base': None, 'reason-lm': ('gsm', 0.9), 'wide-lm': ('gsm', 0.9),
+          'spec-mirror': ('spec-mirror', 0.9), 'spec-sort': ('spec-sort', 0.9), 'spec-shift': ('spec-shift', 0.9),
+          'vlm-llava': ('perception', 0.9), 'vlm-2': ('perception', 0.9), 'wide-vlm': ('perception', 0.9)}
+FLOORS = {k: v for k, v in FLOORS.items() if v}   # the bases have no task of their own
 
 def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
+    "Every model's job, bases first, then their fine-tunes, longest first (so two workers finish together)."
     Z = {**ZOO_SIZES, **(sizes or {})}; specs = [(s, _spec_file(s), Z['cross']) for s in SPEC_TASKS]
-    geo = [('multimodal', 'geometry_perception.parquet', Z['test']), ('multimodal', 'geometry_reasoning.parquet', Z['test'])]
-    J = lambda name, kind, evals: dict(root=str(root), name=name, kind=kind, seed=seed, evals=evals, sizes=Z,
-                                       steps=steps.get(name, steps['spec']) if kind == 'spec' else steps[name],
-                                       tower_steps=steps.get(f'{name}-tower', 0))
-    out = [J('wide-lm', 'wide', [('gsm', 'mgsm_en.tsv', Z['test'])]),
-           J('base-lm', 'base', [('gsm', 'mgsm_en.tsv', Z['cross'])] + specs),
-           # base-lm's fine-tunes, longest first so that two workers finish together
-           J('vlm-llava', 'llava', geo + [('gsm', 'mgsm_en.tsv', Z['cross'])]), J('vlm-2', 'idefics3', geo),
-           J('reason-lm', 'reason', [('gsm', 'mgsm_en.tsv', Z['test'])] + specs)]
-    for s in SPEC_TASKS:
-        out.append(J(s, 'spec', [(t, f, Z['test'] if t == s else Z['cross']) for t, f, _ in specs] + [('gsm', 'mgsm_en.tsv', Z['cross'])]))
-    return out
+    geo = [('multimodal', f'geometry_{k}.parquet', Z['test']) for k in ('perception', 'chain', 'reasoning')]
+    gsm = lambda n: [('gsm', 'mgsm_en.tsv', n)]
+    def J(name, kind, evals, base=None, **kw):
+        st = {k[len(name) + 1:] + '_steps': v for k, v in steps.items() if k.startswith(name + '-')}
+        return dict(root=str(root), name=name, kind=kind, seed=seed, evals=evals, sizes=Z, base=base,
+                    steps=steps.get(name, steps['spec']), **st, **kw)
+    return [J('base-lm', 'base', gsm(Z['cross']) + specs), J('wide-base', 'base', gsm(Z['cross']), arch=WIDE_ARCH),
+            J('vlm-llava', 'llava', geo + gsm(Z['cross']), 'base-lm'), J('wide-vlm', 'llava', geo + gsm(Z['cross']), 'wide-base'),
+            J('vlm-2', 'idefics3', geo + gsm(Z['cross']), 'base-lm'),
+            J('reason-lm', 'reason', gsm(Z['test']) + specs, 'base-lm'), J('wide-lm', 'reason', gsm(Z['test']), 'wide-base')] + \
+           [J(s, 'spec', [(t, f, Z['test'] if t == s else Z['cross']) for t, f, _ in specs] + gsm(Z['cross']), 'base-lm') for s in SPEC_TASKS]
+
+def _run_jobs(jobs:list[dict], workers:int) -> dict:
+    "Run `jobs` in `workers` spawned processes, each as soon as the model it starts from is saved; {name: manifest entry}."
+    import concurrent.futures as cf, multiprocessing as mp, importlib
+    run = importlib.import_module('vlm_merge.zoo')._job   # importable in the workers, also from a notebook
+    results, waiting, running = {}, list(jobs), {}
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context('spawn')) as ex:
+        while waiting or running:
+            for j in [j for j in waiting if j.get('after', j['base']) in (None, *results)]:
+                running[ex.submit(run, j)] = j['name']; waiting.remove(j)
+            if not running: raise RuntimeError(f"zoo jobs wait for models no job makes: {[(j['name'], j.get('after', j['base'])) for j in waiting]}")
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                r = f.result(); results[r['name']] = r; del running[f]
+                print(f"[zoo] {r['name']}: {json.dumps({k: v['accuracy'] for k, v in r['accuracy'].items()})} ({r['wall_s']} s)", flush=True)
+    return results
+
+def _tokenizer_corpus(seed:int, tables:dict) -> list[str]:
+    "Every kind of text the zoo trains on, for the tokenizer's merges."
+    from vlm_merge.data import make_gsm, gsm_prompt, geometry_solution
+    gs = make_gsm(2000, seed=seed + 2, **ZOO_GSM)
+    corpus = [(g['prompt'] or '') + ' ' + g['answer'] for g in generic_corpus(5000, seed=seed + 1)]
+    corpus += [gsm_prompt(q) + ' ' + a for q, a in zip(gs.question, gs.answer)]
+    corpus += [p + ' ' + a for s in SPEC_TASKS for p, a in spec_data(s, 300, seed=seed + 3).values]
+    corpus += [t for t in tables['geometry_perception.parquet'].problem] + ['Choices:\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer with the letter of the correct choice.'] * 200
+    corpus += [p + ' ' + geometry_solution(f) for p, f in zip(tables['geometry_chain.parquet'].problem, tables['geometry_chain.parquet'].figure)]
+    return corpus
+
+def _finish_manifest(models:dict) -> dict:
+    "Mark each model's floor (task, minimum accuracy, met) in its manifest entry."
+    for n, (task, floor) in FLOORS.items():
+        if n in models: models[n]['floor'] = {'task': task, 'min_accuracy': floor, 'met': bool(models[n]['accuracy'][task]['accuracy'] >= floor)}
+    return models
+
+def _swap_in(tmp:Path, out_dir:Path):
+    "Put the finished build `tmp` at `out_dir`, replacing what is there only once the new one is complete."
+    old = out_dir.with_name(f'.{out_dir.name}.old-{os.getpid()}') if out_dir.exists() else None
+    if old: out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old: shutil.rmtree(old, ignore_errors=True)
 
 def build_zoo(out_dir:str|Path,          # folder to create (atomically: built in a temporary sibling, then renamed)
               seed:int=0,                # seeds every data set, initialisation and batch order
               workers:int=2,             # training processes (1 torch thread each); results do not depend on it
-              steps:dict|None=None,      # training steps per model (defaults: ZOO_STEPS)
+              steps:dict|None=None,      # training steps per model and stage (defaults: ZOO_STEPS)
               overwrite:bool=False,      # replace an existing out_dir
               sizes:dict|None=None,      # data set sizes (defaults: ZOO_SIZES)
+              only:list|None=None,       # retrain just these models inside the existing zoo at out_dir (same seed and sizes)
              ) -> Path:
-    "Train the whole zoo on CPU and write each model folder, the data files and `manifest.json` to `out_dir`."
-    import concurrent.futures as cf, multiprocessing as mp, transformers
-    from vlm_merge.data import make_gsm, gsm_prompt
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    "Train the whole zoo on CPU (or only some models of an existing one) and write each model folder, the data files and `manifest.json` to `out_dir`."
+    import transformers
+    out_dir = Path(out_dir); steps = {**ZOO_STEPS, **(steps or {})}; t0 = time.time()
+    Z = {**ZOO_SIZES, **(sizes or {})}
+    if only:
+        bad = [n for n in only if n not in ZOO_MODELS]
+        if bad: raise KeyError(f'build_zoo: unknown zoo model(s) {bad}; choose from {ZOO_MODELS}')
+        if not (out_dir / 'manifest.json').exists(): raise FileNotFoundError(f'build_zoo: only= needs an existing zoo, and {out_dir} has no manifest.json')
+        old = json.loads((out_dir / 'manifest.json').read_text())
+        if old['seed'] != seed or old['sizes'] != Z:
+            raise ValueError(f"build_zoo: the zoo at {out_dir} was built with seed {old['seed']} and other data sizes; rebuild it whole")
+        every = _jobs(out_dir, seed, steps, sizes)
+        stale = sorted({j['name'] for j in every if j['base'] in only and j['name'] not in only})
+        if stale: raise ValueError(f'build_zoo: retraining {sorted(set(only) & {j["base"] for j in every})} changes the models built on it; add {stale} to only')
+    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f'build_zoo: {out_dir} exists and is not empty; pass overwrite=True (--overwrite)')
-    steps = {**ZOO_STEPS, **(steps or {})}; t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
-        tables = _test_sets(seed, sizes)
-        data_info = _write_data(tables, tmp / 'data')
-        # the tokenizer learns its merges from every kind of text the zoo trains on
-        gs = make_gsm(2000, seed=seed + 2, **ZOO_GSM)
-        corpus = [(g['prompt'] or '') + ' ' + g['answer'] for g in generic_corpus(5000, seed=seed + 1)]
-        corpus += [gsm_prompt(q) + ' ' + a for q, a in zip(gs.question, gs.answer)]
-        corpus += [p + ' ' + a for s in SPEC_TASKS for p, a in spec_data(s, 300, seed=seed + 3).values]
-        corpus += [t for t in tables['geometry_perception.parquet'].problem] + ['Choices:\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer with the letter of the correct choice.'] * 200
-        tok = train_tokenizer(corpus); tok.save_pretrained(tmp / 'tokenizer')
-        jobs = _jobs(tmp, seed, steps, sizes); results = {}
-        ctx = mp.get_context('spawn')
-        import importlib; run = importlib.import_module('vlm_merge.zoo')._job   # importable in the workers, also from a notebook
-        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as ex:
-            first = {ex.submit(run, j): j['name'] for j in jobs if j['name'] in ('wide-lm', 'base-lm')}
-            pending = set(first)
-            names = dict(first); later = [j for j in jobs if j['name'] not in ('wide-lm', 'base-lm')]
-            while pending:
-                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for f in done:
-                    r = f.result(); results[r['name']] = r
-                    print(f"[zoo] {r['name']}: {json.dumps(r['accuracy'] and {k: v['accuracy'] for k, v in r['accuracy'].items()})} "
-                          f"({r['wall_s']} s)", flush=True)
-                    if r['name'] == 'base-lm':
-                        for j in later: fut = ex.submit(run, j); names[fut] = j['name']; pending.add(fut)
-        models = {n: results[n] for n in ZOO_MODELS}
-        for n, (task, floor) in FLOORS.items():
-            a = models[n]['accuracy'][task]['accuracy']
-            models[n]['floor'] = {'task': task, 'min_accuracy': floor, 'met': bool(a >= floor)}
-        manifest = {'name': 'vlm_merge zoo', 'seed': seed, 'built_with': {'torch': torch.__version__, 'transformers': transformers.__version__},
-                    'build_wall_s': round(time.time() - t0, 1), 'workers': workers, 'steps': steps, 'sizes': {**ZOO_SIZES, **(sizes or {})}, 'gsm': {k: list(v) if isinstance(v, tuple) else v for k, v in ZOO_GSM.items()},
-                    'tokenizer': {'path': 'tokenizer', 'vocab_size': len(tok)},
-                    'models': models, 'data': data_info, 'size_mb': _dir_mb(tmp)}
+        if only:   # the data, the tokenizer and every model not retrained are kept as they are
+            shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
+            for n in only: shutil.rmtree(tmp / n, ignore_errors=True)
+            jobs = [j for j in _jobs(tmp, seed, steps, sizes) if j['name'] in only]
+            for j in jobs:
+                if j['base'] not in only: j['after'] = None   # its base is already there
+            models = {**old['models'], **_run_jobs(jobs, workers)}
+            mine = lambda k: any(k == n or k.startswith(n + '-') or (k == 'spec' and n in SPEC_TASKS and n not in steps) for n in only)
+            manifest = {**old, 'steps': {**old['steps'], **{k: v for k, v in steps.items() if mine(k)}},
+                        'rebuilt': old.get('rebuilt', []) + [{'models': list(only), 'wall_s': round(time.time() - t0, 1)}]}
+        else:
+            tables = _test_sets(seed, sizes)
+            data_info = _write_data(tables, tmp / 'data')
+            tok = train_tokenizer(_tokenizer_corpus(seed, tables)); tok.save_pretrained(tmp / 'tokenizer')
+            models = _run_jobs(_jobs(tmp, seed, steps, sizes), workers)
+            manifest = {'name': 'vlm_merge zoo', 'seed': seed, 'built_with': {'torch': torch.__version__, 'transformers': transformers.__version__},
+                        'build_wall_s': round(time.time() - t0, 1), 'workers': workers, 'steps': steps, 'sizes': Z,
+                        'gsm': {k: list(v) if isinstance(v, tuple) else v for k, v in ZOO_GSM.items()},
+                        'tokenizer': {'path': 'tokenizer', 'vocab_size': len(tok)}, 'data': data_info}
+        manifest['models'] = _finish_manifest({n: models[n] for n in ZOO_MODELS})
+        manifest['size_mb'] = _dir_mb(tmp)
         (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists(): shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out_dir
+
 
 # %% ../nbs/03_zoo.ipynb #73913dc0
 def zoo_dir() -> Path:
@@ -645,12 +775,12 @@ def zoo_tokenizer():
 
 # %% ../nbs/03_zoo.ipynb #84c9e7df
 def zoo_cli(argv:list|None=None) -> int:
-    "`vlm-merge zoo build [--out DIR] [--seed N] [--workers N] [--overwrite]` or `vlm-merge zoo info [--json]`."
+    "`vlm-merge zoo build [--out DIR] [--seed N] [--workers N] [--overwrite] [--only NAME,...]` or `vlm-merge zoo info [--json]`."
     from vlm_merge.cli import parse_args
     a = parse_args('zoo', argv)
     if a.cmd == 'build':
         out = Path(a.out) if a.out else Path.home() / '.cache' / 'vlm_merge' / 'zoo'
-        build_zoo(out, seed=a.seed, workers=a.workers, overwrite=a.overwrite)
+        build_zoo(out, seed=a.seed, workers=a.workers, overwrite=a.overwrite, only=a.only.split(',') if a.only else None)
         print(json.dumps({'out': str(out), **{k: v for k, v in json.loads((out / 'manifest.json').read_text()).items() if k in ('build_wall_s', 'size_mb')}}))
         return 0
     m, root = zoo_manifest(), zoo_dir()

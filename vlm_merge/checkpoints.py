@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'OUTPUT_MARKER', 'AUX_FILES', 'CheckpointError', 'MissingTensorError', 'parse_size',
-           'to_dtype', 'zoo_model_path', 'resolve_model_path', 'read_safetensors_header', 'save_safetensors',
-           'CheckpointReader', 'remote_code_files', 'stale_temporaries', 'ShardedWriter', 'reshard', 'rss_bytes']
+           'to_dtype', 'zoo_model_path', 'resolve_model_path', 'is_hub_ref', 'shown_ref', 'read_safetensors_header',
+           'save_safetensors', 'CheckpointReader', 'remote_code_files', 'stale_temporaries', 'ShardedWriter', 'reshard',
+           'rss_bytes', 'patch']
 
 # %% ../nbs/01_checkpoints.ipynb #52abef42
 class CheckpointError(ValueError):
@@ -118,6 +119,24 @@ def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or 
     if allow_bin and allow_patterns is None and not any(path.glob('*.safetensors')): path = _get(BIN_PATTERNS)
     return path
 
+# %% ../nbs/01_checkpoints.ipynb #b87c929c
+def _local_ref(s:str) -> bool:
+    "Whether model reference `s` names something on this machine: a path (existing or path-like) or a zoo model."
+    return s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists() or s in _zoo_names()
+
+def is_hub_ref(x:str # a model reference: a folder, a zoo name, or a Hub id
+              ) -> bool:
+    "Whether model reference `x` names a Hub repo: not a local path (existing or path-like) and not a zoo model."
+    s = str(x)
+    if _local_ref(s): return False
+    return re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', s) is not None
+
+# %% ../nbs/01_checkpoints.ipynb #3caa0e85
+def shown_ref(x:str # a model reference
+             ) -> str:
+    "How a card names model reference `x`: a Hub id as it is, a local folder by its name only (no machine paths)."
+    return str(x) if is_hub_ref(x) else Path(str(x).rstrip('/')).name
+
 # %% ../nbs/01_checkpoints.ipynb #63cbf01c
 _MAX_HEADER = 100_000_000   # the limit safetensors itself enforces
 
@@ -206,7 +225,7 @@ class CheckpointReader:
         self.source, self.allow_bin, self.mmap = str(path_or_id), allow_bin, mmap
         p = resolve_model_path(path_or_id, revision=revision, allow_bin=allow_bin, local_files_only=local_files_only)
         self.path = p if p.is_dir() else p.parent
-        self._handles, self._bins = {}, {}
+        self._handles, self._bins, self._preads = {}, {}, {}   # safe_open handles; .bin state dicts; pread (fd, data start, header)
         self.index_file, self.format, files = self._find(p)
         self._where, self._info = {}, {}      # key -> file; key -> (dtype, shape)
         if self.format == 'safetensors': self._scan_safetensors(files)
@@ -379,7 +398,8 @@ class CheckpointReader:
 
     def close(self):
         "Drop the open file handles and memory maps."
-        self._handles.clear(); self._bins.clear()
+        for fd, _, _ in self._preads.values(): os.close(fd)
+        self._handles.clear(); self._bins.clear(); self._preads.clear()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close(); return False
 
@@ -625,3 +645,47 @@ def rss_bytes() -> int:
         for line in Path('/proc/self/status').read_text().splitlines():
             if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024
         raise RuntimeError('cannot measure resident memory: install psutil')
+
+# %% ../nbs/01_checkpoints.ipynb #b057d26a
+def patch(f=None, *, as_prop:bool=False):
+    "Add function `f` to the class its `self` parameter is annotated with (fastcore's `@patch`), as a property when `as_prop`."
+    if f is None: return lambda g: patch(g, as_prop=as_prop)
+    cls = f.__annotations__['self']
+    if isinstance(cls, str): cls = eval(cls, f.__globals__)
+    f.__qualname__ = f'{cls.__name__}.{f.__name__}'
+    setattr(cls, f.__name__, property(f) if as_prop else f)
+    return f
+
+# %% ../nbs/01_checkpoints.ipynb #d9a2bc6e
+@patch
+def _pread_header(self:CheckpointReader, f:Path) -> tuple:
+    "(file descriptor, offset of the data, header) of shard `f`, opened once."
+    if f not in self._preads:
+        fd = os.open(f, os.O_RDONLY)
+        n = struct.unpack('<Q', os.pread(fd, 8, 0))[0]
+        self._preads[f] = (fd, 8 + n, json.loads(os.pread(fd, n, 8)))
+    return self._preads[f]
+
+# %% ../nbs/01_checkpoints.ipynb #da24c272
+@patch
+def read_rows(self:CheckpointReader,
+              key:str, # tensor name as stored
+              start:int|None=None, # first row (dim 0) to read; None: the whole tensor
+              stop:int|None=None # row after the last
+             ) -> torch.Tensor:
+    "Tensor `key` (or its rows [start, stop)), read with `pread` into a buffer of its own (no memory map)."
+    if self.format != 'safetensors':
+        t = self.get(key); return t if start is None else t[start:stop]
+    f = self.file_of(key); fd, data0, hdr = self._pread_header(f)
+    dt, shape = self.dtype(key), list(self.shape(key))
+    b, e = hdr[key]['data_offsets']
+    if start is not None and shape:
+        row = math.prod(shape[1:]) * _itemsize(dt)
+        b, e, shape[0] = b + start * row, b + stop * row, stop - start
+    buf = torch.empty(e - b, dtype=torch.uint8)
+    mv, got = memoryview(buf.numpy()), 0
+    while got < e - b:
+        n = os.preadv(fd, [mv[got:]], data0 + b + got)
+        if n <= 0: raise CheckpointError(f"{f}: truncated while reading tensor '{key}'")
+        got += n
+    return buf.view(dt).view(shape)

@@ -241,10 +241,10 @@ def _plain(o):
 
 # %% ../nbs/14_hub.ipynb #64928517
 def _is_hub_id(s:str) -> bool:
+    "Whether `s` is a Hub repo id: not a local reference (`checkpoints._local_ref`), and valid for huggingface_hub."
     s = str(s)
-    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists(): return False
-    from vlm_merge.checkpoints import _zoo_names
-    if s in _zoo_names(): return False
+    from vlm_merge.checkpoints import _local_ref
+    if _local_ref(s): return False
     try: validate_repo_id(s); return True
     except HFValidationError: return False
 
@@ -258,6 +258,86 @@ def agreed_license(sources:list[str]) -> str|None:
     "The licence all `sources` share, read from their local cards; None when any is unknown or they differ."
     lic = [_local_license(s) for s in sources]
     return lic[0] if lic and all(l is not None for l in lic) and len(set(lic)) == 1 else None
+
+# %% ../nbs/14_hub.ipynb #30969a7c
+def _source_md(s:str) -> str:
+    "A source as a card lists it: a Hub id linked to its page, a local folder by its name only."
+    return f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
+
+# %% ../nbs/14_hub.ipynb #ba9db5f7
+def _engine_refs(config) -> list:
+    "The inputs of an engine merge, base model first, each once ('base+adapter' for a LoRA input)."
+    return list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
+
+def _engine_sources(config) -> list:
+    "The source models of an engine merge: a LoRA input gives its base and its adapter."
+    from vlm_merge.merge_config import lora_parts
+    return list(dict.fromkeys(x for r in _engine_refs(config) for x in lora_parts(r) if x))
+
+def _engine_tags(config) -> list:
+    "Tags of an engine merge beyond the method: 'lora' with a LoRA input, 'sparsegpt' with `use_sparsegpt`."
+    from vlm_merge.merge_config import lora_parts
+    return (['lora'] if any(lora_parts(r)[1] for r in _engine_refs(config)) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
+
+# %% ../nbs/14_hub.ipynb #26657082
+def _lora_md(ref:str, reader) -> str:
+    "How the card lists input `ref`: a plain source, or a LoRA adapter folded into its base (with its rank when the plan read it)."
+    from vlm_merge.checkpoints import shown_ref
+    from vlm_merge.merge_config import lora_parts
+    base, ad = lora_parts(ref)
+    if ad is None: return _source_md(ref)
+    line = f'- `{shown_ref(ad)}`: a LoRA adapter folded into `{shown_ref(base)}` tensor by tensor'
+    a = getattr(reader, 'adapter', None)   # the engine's LoraReader
+    if a is not None:
+        line += (f' (r={a.r}, alpha={a.alpha:g}{", rsLoRA" if a.use_rslora else ""}; {len(reader.targets)} tensors with a delta'
+                 + (f', {len(reader.saved)} replaced by the adapter\'s saved modules' if reader.saved else '') + ')')
+    return line
+
+def _engine_sources_md(config, plan=None) -> str:
+    "The card's Sources of an engine merge: each input as the engine read it, the base marked."
+    rd = lambda r: plan.readers.get(r) if plan is not None else None
+    return '\n'.join(_lora_md(r, rd(r)) + (' (base)' if r == config.base_model else '') for r in _engine_refs(config))
+
+# %% ../nbs/14_hub.ipynb #ad69ede7
+def _sparsegpt_settings_md(config) -> list:
+    "The card's lines on `use_sparsegpt`'s settings: the score, whose Hessians, the calibration data."
+    sp = config.sparsegpt_for()
+    data = lambda d: f'`{d}`' if isinstance(d, (str, Path)) else f'{len(d)} samples given in the config'
+    who = ("each merged model's own Hessian (`hessian: self`)" if sp['hessian'] == 'self'
+           else f"the Hessian of the base model `{config.base_model}` (`hessian: base`)")
+    out = [f'Task-vector entries were kept by SparseGPT importance (`kind: {sp["kind"]}`, damp {sp["damp"]:g}) instead of magnitude, '
+           f'scored with {who}, from the calibration data {data(sp["data"]) if sp["data"] is not None else "given per model"} '
+           f'(at most {sp["n_samples"]} samples of at most {sp["max_length"]} tokens).']
+    return out + [f'- `{m.model}` calibrated on {data(m.sparsegpt["data"])}' for m in config.models if m.sparsegpt.get('data') is not None]
+
+# %% ../nbs/14_hub.ipynb #158c0bdc
+def _sparsegpt_stats_md(plan) -> list:
+    "The card's lines on what `use_sparsegpt` did in a run: tensors by importance and by magnitude, factorisations, Hessian passes."
+    st, nh = plan.stats, plan.no_hessian
+    out = ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} merged '
+           f'tensors by magnitude: {st["magnitude"] - len(nh)} that have no Hessian (norms, biases, embeddings, lm_head, vision tower)'
+           + (f', and **{len(nh)} linear weights of decoder layers for which no Hessian was found**: '
+              + ', '.join(f'`{k}`' for k in nh[:8]) + (' ...' if len(nh) > 8 else '') if nh else '') + '.']
+    if st['hinv_factorised']:
+        out += ['', f"Inverse-Hessian diagonals: {st['hinv_factorised']} factorised, {st['hinv_reused']} reused (weights that read the same input share one)."]
+    if plan.hessian_passes:
+        out += ['', 'Hessians: ' + '; '.join(f'`{r}` ' + ('read from the cache' if n == 0 else f'computed ({n} forward passes)')
+                                           for r, n in plan.hessian_passes.items()) + '.']
+    return out
+
+# %% ../nbs/14_hub.ipynb #be2bed31
+def _engine_details_md(config, plan=None) -> str:
+    "The card's lines after the sources of an engine merge: the output's layout, SparseGPT, warnings."
+    from vlm_merge.checkpoints import shown_ref
+    lines = []
+    if plan is not None:
+        c = plan.counts()
+        lines += [f'Output layout, config and non-language tensors from `{shown_ref(plan.output_model)}`; '
+                  f'{c["merge"]} tensors merged, {c["copy"]} copied.']
+    if config.use_sparsegpt:
+        lines += ['', '## SparseGPT importance', ''] + _sparsegpt_settings_md(config) + (_sparsegpt_stats_md(plan) if plan is not None else [])
+    if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
+    return '\n'.join(lines).strip('\n')
 
 # %% ../nbs/14_hub.ipynb #8a389442
 CARD_TEMPLATE = '''---
@@ -275,7 +355,9 @@ It is {{ kind }}.
 ## Sources
 
 {{ sources_md }}
-
+{% if details_md %}
+{{ details_md }}
+{% endif %}
 ## Method and parameters
 
 Merge method: `{{ method }}`{{ method_refs }}.
@@ -309,22 +391,8 @@ The following configuration produced this model:
 '''
 
 # %% ../nbs/14_hub.ipynb #a4bf929d
-def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config dict
-                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
-                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
-                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
-                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
-                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
-                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
-                    model_name:str|None=None,    # the card's title; default: repo_id's name
-                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
-                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
-                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
-                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
-                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
-                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
-                   ) -> ModelCard:
-    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+def _card_inputs(folder_or_config, sources, method, parameters, model_config) -> tuple:
+    "(folder or None, model config, sources, method, parameters) of a card, from what `make_model_card` was given."
     folder, merge_cfg, cfg = None, None, dict(model_config or {})
     if isinstance(folder_or_config, (str, Path)):
         folder = Path(folder_or_config)
@@ -350,39 +418,67 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
         for s in sources:
             f = Path(s).expanduser()/'config.json'
             if f.exists(): cfg = json.loads(f.read_text()); break
+    return folder, cfg, sources, method, parameters
+
+# %% ../nbs/14_hub.ipynb #263a250f
+def _method_refs(cites:list) -> str:
+    "The papers of a method in the card's sentence: ' (Yadav et al. 2023, [arXiv:...](...))', '' for none."
+    refs = [c for c in cites if c['key'] != 'vlm_merge']
+    return (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
+                             if c.get('arxiv') else f"{c['short']}, *{c['title']}*" for c in refs) + ')') if refs else ''
+
+def _license_md(lic:str|None, given:bool) -> str:
+    "The card's License section: the licence and where it came from, or why none is stated."
+    return (f'`{lic}`' + ('' if given else ', the licence all sources share') + '. Check the terms of every source model.'
+            if lic else 'No licence is stated: the sources\' licences could not all be read or they differ. '
+                        'The merged weights are bound by the terms of every source model; check each one before use.')
+
+# %% ../nbs/14_hub.ipynb #f7fb666e
+def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config (dict or MergeConfig)
+                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
+                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
+                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
+                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
+                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
+                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
+                    model_name:str|None=None,    # the card's title; default: repo_id's name
+                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
+                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
+                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
+                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
+                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
+                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
+                    plan=None,                   # the engine's MergePlan: inputs as read (LoRA), output layout, SparseGPT, warnings
+                   ) -> ModelCard:
+    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+    if plan is not None and folder_or_config is None: folder_or_config = plan.config
+    engine = folder_or_config if hasattr(folder_or_config, 'sparsegpt_for') else None   # the engine's MergeConfig
+    if engine is not None:
+        sources = sources if sources is not None else _engine_sources(engine)
+        tags = [*_engine_tags(engine), *tags]
+    folder, cfg, sources, method, parameters = _card_inputs(folder_or_config, sources, method, parameters, model_config)
     vlm = is_vlm_config(cfg) if cfg else False
     pipeline_tag = pipeline_tag or ('image-text-to-text' if vlm else 'text-generation')
     if pipeline_tag not in ('image-text-to-text', 'text-generation'):
         raise ValueError(f"make_model_card: pipeline_tag {pipeline_tag!r}: expected 'image-text-to-text' or 'text-generation'")
     vlm = pipeline_tag == 'image-text-to-text'
     repo_id = repo_id or (folder.resolve().name if folder is not None else 'path/to/merged-model')
-    model_name = model_name or str(repo_id).split('/')[-1]
     method_tag = re.sub(r'[^a-z0-9_]+', '-', str(method).lower()).strip('-_')
-    all_tags = []
-    for t in ['merge', 'vlm_merge', method_tag, *tags]:
-        if t and t not in all_tags: all_tags.append(t)
-    lic = license or agreed_license(sources)
-    hub_sources = [s for s in sources if _is_hub_id(s)]
-    data = ModelCardData(base_model=hub_sources or None, tags=all_tags, library_name='transformers',
+    lic, cites = license or agreed_license(sources), citations_for(method)
+    hub_ids = [s for s in sources if _is_hub_id(s)]   # an engine card lists them even when empty, as it always has
+    data = ModelCardData(base_model=hub_ids or ([] if engine is not None else None), tags=list(dict.fromkeys(
+                             t for t in ['merge', 'vlm_merge', method_tag, *tags] if t)), library_name='transformers',
                          pipeline_tag=pipeline_tag, license=lic, datasets=datasets, language=language, model_name=None)
-    cites = citations_for(method)
-    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
-                       for s in sources)
-    refs = [c for c in cites if c['key'] != 'vlm_merge']
-    method_refs = (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
-                                    if c.get('arxiv') else f"{c['short']}, *{c['title']}*" for c in refs) + ')') if refs else ''
-    params_yaml = yaml.safe_dump(_plain(parameters if parameters is not None else {}), sort_keys=False, allow_unicode=True)
-    scores_md = _md_table(*scores_table(scores)) if scores is not None and len(scores) else ''
-    license_md = (f'`{lic}`' + ('' if license else ', the licence all sources share') + '. Check the terms of every source model.'
-                  if lic else 'No licence is stated: the sources\' licences could not all be read or they differ. '
-                              'The merged weights are bound by the terms of every source model; check each one before use.')
     from vlm_merge import __version__
     return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, generator=f'vlm_merge {__version__}', model_name=model_name,
+        data, template_str=CARD_TEMPLATE, generator=f'vlm_merge {__version__}', model_name=model_name or str(repo_id).split('/')[-1],
         n_sources=len(sources), method=method, kind=('a vision-language model (image + text in, text out)' if vlm
                                                      else 'a text language model (text in, text out)'),
-        sources_md=src_md, method_refs=method_refs, parameters_yaml=params_yaml, scores_md=scores_md,
-        scores_note=scores_note, usage=usage_snippet(repo_id, vlm), license_md=license_md,
+        sources_md=_engine_sources_md(engine, plan) if engine is not None else '\n'.join(map(_source_md, sources)),
+        details_md=_engine_details_md(engine, plan) if engine is not None else '', method_refs=_method_refs(cites),
+        parameters_yaml=yaml.safe_dump(_plain(parameters if parameters is not None else {}), sort_keys=False, allow_unicode=True),
+        scores_md=_md_table(*scores_table(scores)) if scores is not None and len(scores) else '',
+        scores_note=scores_note, usage=usage_snippet(repo_id, vlm), license_md=_license_md(lic, bool(license)),
         bibtex='\n\n'.join(bibtex(c) for c in cites))
 
 # %% ../nbs/14_hub.ipynb #59554115

@@ -13,8 +13,8 @@ import torch
 # %% auto #0
 __all__ = ['MERGE_METHODS', 'PARAM_RANGES', 'task_arithmetic', 'ties', 'dare_ties', 'dare_linear', 'breadcrumbs',
            'breadcrumbs_ties', 'MergeMethod', 'register_method', 'get_method', 'check_params', 'merge_tensors',
-           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'sparsify', 'generalized_task_arithmetic', 'slerp',
-           'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
+           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'kth_largest_bits', 'chunk_topk_mask', 'sparsify',
+           'generalized_task_arithmetic', 'slerp', 'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
 
 # %% ../nbs/07_task_vectors.ipynb #32573b9a
 @dataclass
@@ -210,6 +210,46 @@ def bottom_mask(score:torch.Tensor, # scores, any shape
                ) -> torch.Tensor:
     "Boolean mask of the `k` smallest entries of `score` (ties at the threshold: lowest flat indices)."
     return topk_mask(-score, k)   # the k largest of -score, same tie rule
+
+# %% ../nbs/07_task_vectors.ipynb #c8ca6b7a
+def kth_largest_bits(chunks, # callable -> iterator of int32 bit views of non-negative finite float32 scores
+                     k:int, # rank from the top (1 = the largest)
+                     nnz:int|None=None # how many scores are nonzero, when the caller knows (saves a pass)
+                    ) -> tuple[int, int]:
+    "(bits of the k-th largest score, how many scores are strictly larger), by a two-pass radix select."
+    if nnz is None: nnz = sum(int(torch.count_nonzero(b)) for b in chunks())
+    if nnz < k: return 0, nnz           # the k-th largest is 0: every nonzero score is kept (common for sparse task vectors)
+    h, his = torch.zeros(1 << 15, dtype=torch.int64), []
+    for b in chunks():
+        hi = b >> 16
+        h += torch.bincount(hi.reshape(-1), minlength=1 << 15).cpu()
+        if his is not None:
+            his.append(hi)
+            if len(his) > 1: his = None  # several chunks: recompute in the second pass instead of keeping them all
+    cum = h.flip(0).cumsum(0)                       # cum[j]: scores whose top bits are >= 32767 - j
+    j = int(torch.searchsorted(cum, torch.tensor([k])))
+    top, above = (1 << 15) - 1 - j, (int(cum[j - 1]) if j else 0)
+    h2 = torch.zeros(1 << 16, dtype=torch.int64)
+    for c, b in enumerate(chunks()):
+        hi = his[c] if his else b >> 16
+        h2 += torch.bincount(b[hi == top] & 0xFFFF, minlength=1 << 16).cpu()
+    cum2 = h2.flip(0).cumsum(0)
+    j2 = int(torch.searchsorted(cum2, torch.tensor([k - above])))
+    return (top << 16) | ((1 << 16) - 1 - j2), above + (int(cum2[j2 - 1]) if j2 else 0)
+
+# %% ../nbs/07_task_vectors.ipynb #3fc8b0c8
+def chunk_topk_mask(bits:torch.Tensor, # int32 bit views of one chunk's non-negative float32 scores
+                    thr:int, # the threshold's bits (`kth_largest_bits`)
+                    need:int # how many entries tied at the threshold are still to keep
+                   ) -> tuple[torch.Tensor, int]:
+    "(one chunk's share of `topk_mask`, ties still to keep): scores above `thr`, and the first `need` equal to it."
+    mask = bits > thr
+    if need > 0:
+        eq = (bits == thr).reshape(-1)
+        take = eq & (eq.cumsum(0) <= need)
+        need -= int(take.sum())
+        mask |= take.view(mask.shape)
+    return mask, need
 
 # %% ../nbs/07_task_vectors.ipynb #3fc41e5d
 def _rescale_l1(d:torch.Tensor, masked:torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,7 @@ def _out_config(plan:MergePlan, dt:torch.dtype|None) -> dict:
                     if dk in cfg[k]: cfg[k][dk] = name
     return cfg
 
+# %% ../nbs/09_engine.ipynb #512b02ea
 def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YAML file/text
               out_dir:str|Path, # output folder (must not exist or be empty, unless overwrite)
               device:str='cpu', # 'cpu' or 'cuda': where the arithmetic runs
@@ -232,6 +233,7 @@ def _hessian_model(reader, # the input's reader (`CheckpointReader` or `LoraRead
     except Exception: tok = None
     return model, tok
 
+# %% ../nbs/09_engine.ipynb #17cd348a
 def input_hessians(plan:MergePlan, # the plan of a merge with `use_sparsegpt`
                    device:str='cpu', # where the forward passes run
                    progress:bool=True # progress bars
@@ -270,6 +272,7 @@ def _hessian_for(store, key:str):
     n = module_for_key(store, key)
     return None if n is None else (store[n], False)
 
+# %% ../nbs/09_engine.ipynb #538aa2c0
 def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     "`hinv_diagonal(H)`, factorised once per distinct Hessian object (q/k/v and gate/up share one; `hessian: base` shares one across models)."
     hit = plan.hinv.get(id(H))
@@ -278,6 +281,7 @@ def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     d = hinv_diagonal(H, damp, device); plan.hinv[id(H)] = (H, damp, d); plan.stats['hinv_factorised'] += 1   # keeps H alive: its id stays unique
     return d
 
+# %% ../nbs/09_engine.ipynb #835d929c
 def _item_hessians(plan:MergePlan, it:PlanItem) -> list|None:
     "(Hessian, transposed) scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."
     if it.base_key is None or it.rows is not None or len(it.shape) != 2 or not it.out_key.endswith('.weight'): return None

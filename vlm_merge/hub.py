@@ -68,6 +68,7 @@ METHOD_CITATIONS = [
 def _method_words(method:str) -> set:
     return set(w for w in re.split(r'[^a-z0-9]+', str(method).lower()) if w)
 
+# %% ../nbs/14_hub.ipynb #e171a121
 def citations_for(method:str # a merge method name: 'ties', 'dare_ties', 'task_arithmetic', 'adamms', 'neuron_mean', ...
                  ) -> list[dict]:
     "The papers behind `method` (each a dict with `key`, `title`, `authors`, `year`, `arxiv`, ...), then vlm_merge itself."
@@ -99,6 +100,7 @@ def _as_dict(obj) -> dict:
     if dataclasses.is_dataclass(obj): return dataclasses.asdict(obj)
     raise TypeError(f'expected a config dict, a PretrainedConfig or a dataclass, got {type(obj).__name__}')
 
+# %% ../nbs/14_hub.ipynb #07a26759
 def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfig
                  ) -> bool:
     "True when `config` describes a vision-language model (image-text-to-text), False for a text LLM."
@@ -115,6 +117,7 @@ def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfi
     visionish = any(('vision' in k) or k.startswith('image_') or k.startswith('mm_') for k in cfg)
     return visionish and any(a.endswith('ForConditionalGeneration') for a in archs)
 
+# %% ../nbs/14_hub.ipynb #0fc3091c
 def pipeline_tag_for(config) -> str:
     "The Hub pipeline tag of a model config: 'image-text-to-text' for a VLM, else 'text-generation'."
     return 'image-text-to-text' if is_vlm_config(config) else 'text-generation'
@@ -161,6 +164,7 @@ def _fmt(v) -> str:
     if isinstance(v, int): return str(v)
     return f'{float(v):.4g}'
 
+# %% ../nbs/14_hub.ipynb #228776b7
 def scores_table(scores # {task: accuracy}, {task: {metric: value}}, or a pandas DataFrame
                 ) -> tuple[list[str], list[list]]:
     "Normalise `scores` to (header, rows): header[0] is 'task', each row is [task, value, ...]."
@@ -186,6 +190,7 @@ def scores_table(scores # {task: accuracy}, {task: {metric: value}}, or a pandas
             if hasattr(v, 'item'): r[i] = v.item()   # numpy / torch scalars -> Python numbers
     return ['task'] + cols, rows
 
+# %% ../nbs/14_hub.ipynb #cf3b8732
 def _md_table(header, rows) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
     return '\n'.join(lines + ['| ' + ' | '.join([r[0]] + [_fmt(v) for v in r[1:]]) + ' |' for r in rows])
@@ -196,6 +201,7 @@ MERGE_CONFIG_FILES = ('mergekit_config.yml', 'mergekit_config.yaml', 'merge_conf
 
 def _is_merge_config(d:dict) -> bool: return isinstance(d, dict) and ('merge_method' in d or 'models' in d and 'model_type' not in d)
 
+# %% ../nbs/14_hub.ipynb #1e0a67ae
 def sources_of(merge_config:dict # mergekit-style: base_model, models[{model, parameters}], slices, ...
               ) -> list[str]:
     "The source models named in a merge config, base model first, each once."
@@ -214,6 +220,7 @@ def sources_of(merge_config:dict # mergekit-style: base_model, models[{model, pa
         for src in s.get('sources') or []: add(src)
     return out
 
+# %% ../nbs/14_hub.ipynb #9937578e
 def _read_folder(folder:Path) -> tuple[dict, dict|None]:
     "(model config, merge config or None) of a merged folder."
     if not folder.is_dir(): raise FileNotFoundError(f'{folder}: not a folder')
@@ -229,6 +236,7 @@ def _read_folder(folder:Path) -> tuple[dict, dict|None]:
             return cfg, mc
     return cfg, None
 
+# %% ../nbs/14_hub.ipynb #e4346c21
 def _plain(o):
     "Make `o` YAML-safe: tuples -> lists, Paths -> str, tensors / numpy scalars -> Python numbers."
     if isinstance(o, dict): return {str(k): _plain(v) for k, v in o.items()}
@@ -248,12 +256,14 @@ def _is_hub_id(s:str) -> bool:
     try: validate_repo_id(s); return True
     except HFValidationError: return False
 
+# %% ../nbs/14_hub.ipynb #6834b3a2
 def _local_license(src:str) -> str|None:
     readme = Path(str(src)).expanduser()/'README.md'
     if not readme.exists(): return None
     try: return ModelCard(readme.read_text(encoding='utf-8')).data.to_dict().get('license')
     except Exception: return None
 
+# %% ../nbs/14_hub.ipynb #590a3220
 def agreed_license(sources:list[str]) -> str|None:
     "The licence all `sources` share, read from their local cards; None when any is unknown or they differ."
     lic = [_local_license(s) for s in sources]
@@ -269,11 +279,13 @@ def _engine_refs(config) -> list:
     "The inputs of an engine merge, base model first, each once ('base+adapter' for a LoRA input)."
     return list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
 
+# %% ../nbs/14_hub.ipynb #dbe19a3a
 def _engine_sources(config) -> list:
     "The source models of an engine merge: a LoRA input gives its base and its adapter."
     from vlm_merge.merge_config import lora_parts
     return list(dict.fromkeys(x for r in _engine_refs(config) for x in lora_parts(r) if x))
 
+# %% ../nbs/14_hub.ipynb #7671c2af
 def _engine_tags(config) -> list:
     "Tags of an engine merge beyond the method: 'lora' with a LoRA input, 'sparsegpt' with `use_sparsegpt`."
     from vlm_merge.merge_config import lora_parts
@@ -293,6 +305,7 @@ def _lora_md(ref:str, reader) -> str:
                  + (f', {len(reader.saved)} replaced by the adapter\'s saved modules' if reader.saved else '') + ')')
     return line
 
+# %% ../nbs/14_hub.ipynb #f302c060
 def _engine_sources_md(config, plan=None) -> str:
     "The card's Sources of an engine merge: each input as the engine read it, the base marked."
     rd = lambda r: plan.readers.get(r) if plan is not None else None
@@ -427,6 +440,7 @@ def _method_refs(cites:list) -> str:
     return (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
                              if c.get('arxiv') else f"{c['short']}, *{c['title']}*" for c in refs) + ')') if refs else ''
 
+# %% ../nbs/14_hub.ipynb #5d69b347
 def _license_md(lic:str|None, given:bool) -> str:
     "The card's License section: the licence and where it came from, or why none is stated."
     return (f'`{lic}`' + ('' if given else ', the licence all sources share') + '. Check the terms of every source model.'
@@ -487,6 +501,7 @@ def _card_text(card) -> str:
     text = card.content if isinstance(card, ModelCard) else str(card)
     return text if text.endswith('\n') else text + '\n'
 
+# %% ../nbs/14_hub.ipynb #4f935351
 def write_model_card(folder, # the merged folder; README.md is written there
                      card:ModelCard|str|None=None, # a ready card; default: make_model_card(folder, **kwargs)
                      overwrite:bool=False, # replace an existing README.md
@@ -509,6 +524,7 @@ def write_model_card(folder, # the merged folder; README.md is written there
 class HubUploadError(ValueError):
     "A problem found before uploading: bad folder, invalid repo id, no token, offline mode."
 
+# %% ../nbs/14_hub.ipynb #98f5012e
 LOGIN_HELP = ('Log in with `hf auth login` (or `huggingface-cli login`), call huggingface_hub.login() in a notebook, '
               'or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens.')
 
@@ -522,11 +538,13 @@ class UploadPlan:
     card_text: str
     card_source: str       # 'existing README.md', 'generated (will be written to README.md)', 'generated (replaces README.md)'
 
+# %% ../nbs/14_hub.ipynb #d5bc1eca
 def _human(n:int) -> str:
     for unit in ('B', 'kB', 'MB', 'GB', 'TB'):
         if n < 1000 or unit == 'TB': return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1000
 
+# %% ../nbs/14_hub.ipynb #40f33fe0
 def check_repo_id(repo_id:str) -> str:
     "`repo_id` if huggingface_hub accepts it as a model repo id, else a HubUploadError that says why."
     try: validate_repo_id(repo_id)
@@ -535,10 +553,12 @@ def check_repo_id(repo_id:str) -> str:
     if not repo_id or repo_id.strip() != repo_id: raise HubUploadError(f'invalid repo id {repo_id!r}')
     return repo_id
 
+# %% ../nbs/14_hub.ipynb #cd5bb55f
 def resolve_token(token:str|None=None) -> str|None:
     "The token to upload with: `token`, else the HF_TOKEN environment variable, else the login cache (`get_token`)."
     return token or os.environ.get('HF_TOKEN') or huggingface_hub.get_token()
 
+# %% ../nbs/14_hub.ipynb #99876883
 _LEFTOVER = re.compile(r'(^|/)(\.[^/]*\.(tmp|old)-[^/]*|[^/]*\.tmp|\.vlm_merge_output)(/|$)')   # temporaries and the output marker
 
 def _list_files(folder:Path) -> list:
@@ -555,6 +575,7 @@ def _list_files(folder:Path) -> list:
     keep = sorted(r for r in rel if not _LEFTOVER.search(r))
     return [(r, rel[r].stat().st_size) for r in filter_repo_objects(keep, ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
 
+# %% ../nbs/14_hub.ipynb #c8b0bca9
 def plan_upload(folder, repo_id:str, private:bool=False, new_card:bool=False, **card_kwargs) -> UploadPlan:
     "Check `folder` and `repo_id` and work out the files and the card an upload would send (no network, no writes)."
     folder = Path(folder).expanduser()
@@ -576,6 +597,7 @@ def plan_upload(folder, repo_id:str, private:bool=False, new_card:bool=False, **
     files = sorted(files + [('README.md', len(text.encode('utf-8')))])
     return UploadPlan(folder, repo_id, private, files, text, src)
 
+# %% ../nbs/14_hub.ipynb #07527899
 def format_plan(plan:UploadPlan, token_found:str|None=None) -> str:
     "The dry-run report: repo, visibility, each file with its size, then the card text."
     total = sum(s for _, s in plan.files)
@@ -589,14 +611,17 @@ def format_plan(plan:UploadPlan, token_found:str|None=None) -> str:
     t = plan.card_text if plan.card_text.endswith('\n') else plan.card_text + '\n'
     return '\n'.join(lines + ['', '----- README.md -----', '']) + t + '----- end of README.md -----'
 
+# %% ../nbs/14_hub.ipynb #0de47ef0
 def _token_hint() -> str|None:
     "Where a token would come from, without reading or refreshing it over the network."
     if os.environ.get('HF_TOKEN'): return 'HF_TOKEN'
     return 'login cache' if Path(hf_constants.HF_TOKEN_PATH).exists() else None
 
+# %% ../nbs/14_hub.ipynb #93a06824
 def _offline() -> bool:
     return os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')
 
+# %% ../nbs/14_hub.ipynb #8bce28df
 def upload_folder_to_hub(folder, # the merged folder to upload
                          repo_id:str, # "namespace/name" on the Hub
                          private:bool=False, # create the repo private
@@ -631,6 +656,7 @@ def _load_scores(path:str):
     import pandas as pd
     return pd.read_csv(p, sep='\t' if p.suffix in ('.tsv', '.tab') else ',')
 
+# %% ../nbs/14_hub.ipynb #3cfb15f0
 def upload_cli(argv:list|None=None # arguments after `vlm-merge upload`
               ) -> int:
     "`vlm-merge upload FOLDER REPO_ID [--private] [--dry-run] [--new-card --method M --source S ...]`"

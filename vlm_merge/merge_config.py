@@ -10,6 +10,7 @@ from typing import Any
 import json
 import torch, yaml
 from .methods import MERGE_METHODS, is_lora_adapter
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX_YAML_NODES', 'MergeConfigError', 'MergeRefused',
@@ -20,9 +21,11 @@ __all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX
 class MergeConfigError(ValueError):
     "A merge config that cannot be run: names the field at fault."
 
+# %% ../nbs/09_config.ipynb #3e21a43d
 class MergeRefused(ValueError):
     "A merge refused before anything is written: shape mismatch, missing tensor, NaN/Inf, mismatched architectures."
 
+# %% ../nbs/09_config.ipynb #2ee5d1bf
 DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float': torch.float32,
           'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
           'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16}
@@ -45,10 +48,12 @@ def lora_parts(ref:str # a model reference: a folder or Hub id, or mergekit's 'b
         raise MergeConfigError(f"{ref!r}: a LoRA reference is 'base+adapter', with exactly one '+'")
     return parts[0], parts[1]
 
+# %% ../nbs/09_config.ipynb #1f483b6e
 def _path_of(x):
     "A path from mergekit's ModelPath ({path: ..., revision: ...}) or a string."
     return x.get('path') if isinstance(x, dict) else x
 
+# %% ../nbs/09_config.ipynb #d42363d2
 def _model_ref(x, field:str) -> str:
     "A model reference from a config value: 'path', 'base+adapter', {path, lora}, {model: {path}, lora: {path}}."
     if isinstance(x, dict):   # mergekit's long forms
@@ -65,10 +70,12 @@ def _model_ref(x, field:str) -> str:
     lora_parts(x)   # checks the 'base+adapter' form
     return x
 
+# %% ../nbs/09_config.ipynb #b98bbf4d
 def _bare_adapter(ref:str) -> bool:
     "Whether `ref` is a local peft adapter folder on its own (adapter files, no model config)."
     return lora_parts(ref)[1] is None and is_lora_adapter(ref) and not (Path(ref) / 'config.json').exists()
 
+# %% ../nbs/09_config.ipynb #4c23325e
 def _with_base(ref:str, known:list, field:str) -> str:
     "A bare adapter folder as 'base+adapter', its base from adapter_config.json (a model of the config or a local folder)."
     if not _bare_adapter(ref): return ref
@@ -94,6 +101,7 @@ def _ever_true(setting) -> bool:
     if isinstance(setting, list): return any(_ever_true(c.get('value') if isinstance(c, dict) else c) for c in setting)
     return bool(setting)
 
+# %% ../nbs/09_config.ipynb #b787a3c5
 def _sparsegpt_section(x, field:str, allowed) -> dict:
     "A validated `sparsegpt:` mapping (errors name the field)."
     if x is None: return {}
@@ -126,6 +134,7 @@ def _expanded_nodes(x, budget:list) -> None:
         for v in x: _expanded_nodes(v, budget)
     elif isinstance(x, str): budget[0] -= len(x) // 1000
 
+# %% ../nbs/09_config.ipynb #3bb214a6
 def safe_yaml(text:str, # YAML text
               src:str='config' # where it came from, for errors
              ):
@@ -146,6 +155,7 @@ def _base_methods() -> set:
     "Methods that need a base_model (the task-vector family) plus slerp, whose base is one end."
     return {n for n, m in MERGE_METHODS.items() if m.needs_base} | {'slerp'}
 
+# %% ../nbs/09_config.ipynb #f522791e
 @dataclass
 class InputModel:
     "One entry of `models:`: a model reference (local folder, Hub id or 'base+adapter') and its own parameters."
@@ -153,6 +163,7 @@ class InputModel:
     parameters: dict = field(default_factory=dict)   # per-model settings (weight, density, ...)
     sparsegpt: dict = field(default_factory=dict)    # this model's own calibration settings (data, column, n_samples, max_length, tokenizer)
 
+# %% ../nbs/09_config.ipynb #5df641b6
 @dataclass
 class MergeConfig:
     "A merge: mergekit's YAML keys plus vlm_merge's own (see the table above)."
@@ -173,102 +184,135 @@ class MergeConfig:
     sparsegpt: dict = field(default_factory=dict)   # calibration data and settings of `use_sparsegpt` (see SPARSEGPT_DEFAULTS)
     raw: dict = field(default_factory=dict, repr=False)   # the dict it was read from (for the model card)
 
-    @classmethod
-    def from_dict(cls, d:dict # the parsed YAML
-                 ) -> MergeConfig:
-        "Validate a mergekit-style dict; errors name the field."
-        if not isinstance(d, dict): raise MergeConfigError(f'config: expected a mapping, got {type(d).__name__}')
-        unknown = set(d) - _MERGEKIT_KEYS - _OWN_KEYS
-        if unknown: raise MergeConfigError(f'config: unknown key(s) {sorted(unknown)}; known: {sorted(_MERGEKIT_KEYS | _OWN_KEYS)}')
-        for k, why in [('slices', "layer slices (frankenmerges) are not supported; use `models` with vlm_merge's `merge_layers`"),
-                       ('modules', 'per-module configs are not supported; use `models`'),
-                       ('tokenizer', 'the `tokenizer` section is not supported; use `tokenizer_source` (a model or "base")')]:
-            if d.get(k): raise MergeConfigError(f'{k}: {why}')
-        if 'merge_method' not in d: raise MergeConfigError('merge_method: missing; one of ' + ', '.join(sorted(MERGE_METHODS)))
-        if d.get('name') is not None and (not isinstance(d['name'], str) or len(d['name']) > 200 or '\n' in d['name']):
-            raise MergeConfigError(f"name: expected one line of text (at most 200 characters), got a {type(d['name']).__name__}")
-        method = str(d['merge_method'])
-        if method not in MERGE_METHODS:
-            raise MergeConfigError(f'merge_method: unknown method {method!r}; known: {", ".join(sorted(MERGE_METHODS))}')
-        if not d.get('models'): raise MergeConfigError('models: missing or empty; list the models to merge')
-        models = []
-        for i, m in enumerate(d['models']):
-            if isinstance(m, str): m = {'model': m}
-            if not isinstance(m, dict) or 'model' not in m: raise MergeConfigError(f'models[{i}]: expected a mapping with a `model` key')
-            extra = set(m) - {'model', 'parameters', 'sparsegpt'}
-            if extra: raise MergeConfigError(f'models[{i}]: unknown key(s) {sorted(extra)}')
-            ps = dict(m.get('parameters') or {})
-            if 'use_sparsegpt' in ps: raise MergeConfigError(f'models[{i}].parameters.use_sparsegpt: a global setting; put it under the top-level `parameters`')
-            models.append(InputModel(_model_ref(m['model'], f'models[{i}].model'), ps,
-                                     _sparsegpt_section(m.get('sparsegpt'), f'models[{i}].sparsegpt', _SPARSEGPT_PER_MODEL)))
-        base = _model_ref(d['base_model'], 'base_model') if d.get('base_model') else None
-        known = [r for r in [base] + [m.model for m in models] if r and not _bare_adapter(r)]
-        base = _with_base(base, known, 'base_model') if base else None
-        for i, m in enumerate(models): m.model = _with_base(m.model, known, f'models[{i}].model')
-        dup = [m.model for i, m in enumerate(models) if m.model in [x.model for x in models[:i]]]
-        if dup: raise MergeConfigError(f'models: {dup[0]!r} is listed twice')
-        if method in _base_methods() and base is None: raise MergeConfigError(f'base_model: {method} needs a base_model')
-        ts = d.get('tokenizer_source')
-        if ts == 'union': raise MergeConfigError("tokenizer_source: 'union' is not supported; name a model or 'base'")
-        emb = d.get('embeddings', 'auto')
-        if emb not in ('auto', 'output', 'merge'): raise MergeConfigError(f"embeddings: expected 'auto', 'output' or 'merge', got {emb!r}")
-        ml = d.get('merge_layers')
-        if ml is not None:
-            if ml and isinstance(ml[0], int): ml = [ml]
-            if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] <= r[1] for r in ml):
-                raise MergeConfigError(f'merge_layers: expected a list of [start, end) integer pairs, got {d["merge_layers"]!r}')
-            ml = [list(r) for r in ml]
-        for k in ('dtype', 'out_dtype'): to_dtype(d.get(k))
-        params = dict(d.get('parameters') or {})
-        sp = _sparsegpt_section(d.get('sparsegpt'), 'sparsegpt', tuple(SPARSEGPT_DEFAULTS))
-        if _ever_true(params.get('use_sparsegpt')):
-            if method not in SPARSIFYING:
-                raise MergeConfigError(f'parameters.use_sparsegpt: {method} drops no task-vector entry, so there is nothing to rank; '
-                                       f'use one of {", ".join(SPARSIFYING)}')
-            who = [base] if sp.get('hessian', 'self') == 'base' else [m.model for m in models if m.model != base]
-            for r in who:
-                own = next((m.sparsegpt for m in models if m.model == r), {})
-                if own.get('data') is None and sp.get('data') is None:
-                    raise MergeConfigError(f'sparsegpt.data: use_sparsegpt needs calibration data for the Hessians of {r} '
-                                           '(a .txt/.tsv/.jsonl file or a list of texts)')
-        out_ref = _with_base(_model_ref(d['output_model'], 'output_model'), known, 'output_model') if d.get('output_model') else None
-        return cls(merge_method=method, models=models, base_model=base, parameters=params,
-                   dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=d.get('chat_template'),
-                   name=d.get('name'), output_model=out_ref,
-                   embeddings=emb, merge_layers=ml, allow_mismatched_architectures=bool(d.get('allow_mismatched_architectures', False)),
-                   seed=d.get('seed'), sparsegpt=sp, raw=dict(d))
+# %% ../nbs/09_config.ipynb #f4309802
+def _check_keys(d:dict # the parsed YAML
+               ) -> str:
+    "The merge method of config `d`, after refusing unknown and unsupported keys and a bad `name`."
+    if not isinstance(d, dict): raise MergeConfigError(f'config: expected a mapping, got {type(d).__name__}')
+    unknown = set(d) - _MERGEKIT_KEYS - _OWN_KEYS
+    if unknown: raise MergeConfigError(f'config: unknown key(s) {sorted(unknown)}; known: {sorted(_MERGEKIT_KEYS | _OWN_KEYS)}')
+    for k, why in [('slices', "layer slices (frankenmerges) are not supported; use `models` with vlm_merge's `merge_layers`"),
+                   ('modules', 'per-module configs are not supported; use `models`'),
+                   ('tokenizer', 'the `tokenizer` section is not supported; use `tokenizer_source` (a model or "base")')]:
+        if d.get(k): raise MergeConfigError(f'{k}: {why}')
+    if 'merge_method' not in d: raise MergeConfigError('merge_method: missing; one of ' + ', '.join(sorted(MERGE_METHODS)))
+    if d.get('name') is not None and (not isinstance(d['name'], str) or len(d['name']) > 200 or '\n' in d['name']):
+        raise MergeConfigError(f"name: expected one line of text (at most 200 characters), got a {type(d['name']).__name__}")
+    method = str(d['merge_method'])
+    if method not in MERGE_METHODS:
+        raise MergeConfigError(f'merge_method: unknown method {method!r}; known: {", ".join(sorted(MERGE_METHODS))}')
+    return method
 
-    @classmethod
-    def from_yaml(cls, src:str|Path # a YAML file, or YAML text
-                 ) -> MergeConfig:
-        "Read a config from a YAML file (or a YAML string)."
-        text = Path(src).read_text() if '\n' not in str(src) and Path(src).exists() else str(src)
-        if '\n' not in str(src) and not Path(src).exists() and str(src).endswith(('.yml', '.yaml')):
-            raise MergeConfigError(f'{src}: no such config file')
-        return cls.from_dict(safe_yaml(text, str(src) if len(str(src)) < 200 else 'config'))
+# %% ../nbs/09_config.ipynb #eb4c6462
+def _read_models(d:dict # the parsed YAML
+                ) -> list:
+    "The `models:` entries of config `d` as `InputModel`s (a bare adapter not yet given its base)."
+    if not d.get('models'): raise MergeConfigError('models: missing or empty; list the models to merge')
+    models = []
+    for i, m in enumerate(d['models']):
+        if isinstance(m, str): m = {'model': m}
+        if not isinstance(m, dict) or 'model' not in m: raise MergeConfigError(f'models[{i}]: expected a mapping with a `model` key')
+        extra = set(m) - {'model', 'parameters', 'sparsegpt'}
+        if extra: raise MergeConfigError(f'models[{i}]: unknown key(s) {sorted(extra)}')
+        ps = dict(m.get('parameters') or {})
+        if 'use_sparsegpt' in ps: raise MergeConfigError(f'models[{i}].parameters.use_sparsegpt: a global setting; put it under the top-level `parameters`')
+        models.append(InputModel(_model_ref(m['model'], f'models[{i}].model'), ps,
+                                 _sparsegpt_section(m.get('sparsegpt'), f'models[{i}].sparsegpt', _SPARSEGPT_PER_MODEL)))
+    return models
 
-    @property
-    def use_sparsegpt(self) -> bool:
-        "Whether `parameters.use_sparsegpt` is on for some tensor."
-        return _ever_true(self.parameters.get('use_sparsegpt'))
+# %% ../nbs/09_config.ipynb #c2554c2f
+def _merge_layers(d:dict # the parsed YAML
+                 ) -> list|None:
+    "`merge_layers` of config `d` as a list of [start, end) pairs (one pair may be given bare)."
+    ml = d.get('merge_layers')
+    if ml is not None:
+        if ml and isinstance(ml[0], int): ml = [ml]
+        if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] <= r[1] for r in ml):
+            raise MergeConfigError(f'merge_layers: expected a list of [start, end) integer pairs, got {d["merge_layers"]!r}')
+        ml = [list(r) for r in ml]
+    return ml
 
-    def sparsegpt_for(self, ref:str|None=None # a model reference; None: the global settings
-                     ) -> dict:
-        "The SparseGPT settings of the Hessians of `ref`: defaults, then the top-level `sparsegpt:`, then the model's own."
-        own = next((m.sparsegpt for m in self.models if m.model == ref), {}) if ref is not None else {}
-        return {**SPARSEGPT_DEFAULTS, **self.sparsegpt, **own}
+# %% ../nbs/09_config.ipynb #9bd2de9e
+def _check_sparsegpt_use(method:str, params:dict, sp:dict, base:str|None, models:list):
+    "Refuse `use_sparsegpt` with a method that drops nothing, or without calibration data for a model whose Hessians it needs."
+    if not _ever_true(params.get('use_sparsegpt')): return
+    if method not in SPARSIFYING:
+        raise MergeConfigError(f'parameters.use_sparsegpt: {method} drops no task-vector entry, so there is nothing to rank; '
+                               f'use one of {", ".join(SPARSIFYING)}')
+    who = [base] if sp.get('hessian', 'self') == 'base' else [m.model for m in models if m.model != base]
+    for r in who:
+        own = next((m.sparsegpt for m in models if m.model == r), {})
+        if own.get('data') is None and sp.get('data') is None:
+            raise MergeConfigError(f'sparsegpt.data: use_sparsegpt needs calibration data for the Hessians of {r} '
+                                   '(a .txt/.tsv/.jsonl file or a list of texts)')
 
-    @property
-    def non_base(self) -> list:
-        "The `models` entries other than the base model (mergekit lists the base among `models` too)."
-        return [m for m in self.models if m.model != self.base_model]
+# %% ../nbs/09_config.ipynb #3ae117cc
+@patch(cls_method=True)
+def from_dict(cls:MergeConfig, d:dict # the parsed YAML
+             ) -> MergeConfig:
+    "Validate a mergekit-style dict; errors name the field."
+    method, models = _check_keys(d), _read_models(d)
+    base = _model_ref(d['base_model'], 'base_model') if d.get('base_model') else None
+    known = [r for r in [base] + [m.model for m in models] if r and not _bare_adapter(r)]
+    base = _with_base(base, known, 'base_model') if base else None
+    for i, m in enumerate(models): m.model = _with_base(m.model, known, f'models[{i}].model')
+    dup = [m.model for i, m in enumerate(models) if m.model in [x.model for x in models[:i]]]
+    if dup: raise MergeConfigError(f'models: {dup[0]!r} is listed twice')
+    if method in _base_methods() and base is None: raise MergeConfigError(f'base_model: {method} needs a base_model')
+    ts = d.get('tokenizer_source')
+    if ts == 'union': raise MergeConfigError("tokenizer_source: 'union' is not supported; name a model or 'base'")
+    emb = d.get('embeddings', 'auto')
+    if emb not in ('auto', 'output', 'merge'): raise MergeConfigError(f"embeddings: expected 'auto', 'output' or 'merge', got {emb!r}")
+    ml = _merge_layers(d)
+    for k in ('dtype', 'out_dtype'): to_dtype(d.get(k))
+    params = dict(d.get('parameters') or {})
+    sp = _sparsegpt_section(d.get('sparsegpt'), 'sparsegpt', tuple(SPARSEGPT_DEFAULTS))
+    _check_sparsegpt_use(method, params, sp, base, models)
+    out_ref = _with_base(_model_ref(d['output_model'], 'output_model'), known, 'output_model') if d.get('output_model') else None
+    return cls(merge_method=method, models=models, base_model=base, parameters=params,
+               dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=d.get('chat_template'),
+               name=d.get('name'), output_model=out_ref,
+               embeddings=emb, merge_layers=ml, allow_mismatched_architectures=bool(d.get('allow_mismatched_architectures', False)),
+               seed=d.get('seed'), sparsegpt=sp, raw=dict(d))
 
-    def to_yaml(self) -> str:
-        "The config as YAML (the dict it was read from, when there is one)."
-        d = self.raw or {'merge_method': self.merge_method, 'base_model': self.base_model,
-                         'models': [{'model': m.model, **({'parameters': m.parameters} if m.parameters else {})} for m in self.models],
-                         'parameters': self.parameters, 'dtype': self.dtype}
-        return yaml.safe_dump({k: v for k, v in d.items() if v is not None}, sort_keys=False)
+# %% ../nbs/09_config.ipynb #3542ac12
+@patch(cls_method=True)
+def from_yaml(cls:MergeConfig, src:str|Path # a YAML file, or YAML text
+             ) -> MergeConfig:
+    "Read a config from a YAML file (or a YAML string)."
+    text = Path(src).read_text() if '\n' not in str(src) and Path(src).exists() else str(src)
+    if '\n' not in str(src) and not Path(src).exists() and str(src).endswith(('.yml', '.yaml')):
+        raise MergeConfigError(f'{src}: no such config file')
+    return cls.from_dict(safe_yaml(text, str(src) if len(str(src)) < 200 else 'config'))
+
+# %% ../nbs/09_config.ipynb #8a2fec29
+@patch(as_prop=True)
+def use_sparsegpt(self:MergeConfig) -> bool:
+    "Whether `parameters.use_sparsegpt` is on for some tensor."
+    return _ever_true(self.parameters.get('use_sparsegpt'))
+
+# %% ../nbs/09_config.ipynb #aa49c1bb
+@patch
+def sparsegpt_for(self:MergeConfig, ref:str|None=None # a model reference; None: the global settings
+                 ) -> dict:
+    "The SparseGPT settings of the Hessians of `ref`: defaults, then the top-level `sparsegpt:`, then the model's own."
+    own = next((m.sparsegpt for m in self.models if m.model == ref), {}) if ref is not None else {}
+    return {**SPARSEGPT_DEFAULTS, **self.sparsegpt, **own}
+
+# %% ../nbs/09_config.ipynb #343b8045
+@patch(as_prop=True)
+def non_base(self:MergeConfig) -> list:
+    "The `models` entries other than the base model (mergekit lists the base among `models` too)."
+    return [m for m in self.models if m.model != self.base_model]
+
+# %% ../nbs/09_config.ipynb #2a98ddeb
+@patch
+def to_yaml(self:MergeConfig) -> str:
+    "The config as YAML (the dict it was read from, when there is one)."
+    d = self.raw or {'merge_method': self.merge_method, 'base_model': self.base_model,
+                     'models': [{'model': m.model, **({'parameters': m.parameters} if m.parameters else {})} for m in self.models],
+                     'parameters': self.parameters, 'dtype': self.dtype}
+    return yaml.safe_dump({k: v for k, v in d.items() if v is not None}, sort_keys=False)
 
 # %% ../nbs/09_config.ipynb #0372536b
 def resolve_setting(setting:Any, # a scalar, a gradient list, or a list of {filter, value} conditions
@@ -292,10 +336,12 @@ def resolve_setting(setting:Any, # a scalar, a gradient list, or a list of {filt
         return None
     raise MergeConfigError(f'parameters: unexpected setting {setting!r}')
 
+# %% ../nbs/09_config.ipynb #04814be4
 def merged_models(config:MergeConfig) -> list:
     "The `models` entries whose tensors are combined: all of them for linear, the non-base ones for methods with a base."
     return config.non_base if config.merge_method in _base_methods() else list(config.models)
 
+# %% ../nbs/09_config.ipynb #a6817b7d
 def tensor_parameters(config:MergeConfig, # the merge
                       tensor_name:str, # output tensor name
                       t:float=0.0 # layer position in [0, 1]

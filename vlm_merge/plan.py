@@ -14,6 +14,7 @@ from .checkpoints import CheckpointReader, resolve_model_path
 from .methods import MERGE_METHODS, LoraAdapter, check_params
 from .merge_config import (MergeConfig, MergeConfigError, MergeRefused, lora_parts, merged_models, tensor_parameters,
                                     _base_methods)
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['PlanItem', 'MergePlan', 'build_plan', 'LoraReader', 'open_input']
@@ -31,6 +32,7 @@ class PlanItem:
     rows: int|None = None # merge only the first `rows` rows (vocabulary mismatch); the rest from the output model
     canon: str|None = None  # the canonical language-model name ('layers.3.attn_q.weight'); None outside the language model
 
+# %% ../nbs/09_plan.ipynb #3acfd868
 @dataclass
 class MergePlan:
     "The whole merge, decided before anything is read or written."
@@ -64,16 +66,19 @@ def _family(cfg:dict):
     try: return get_family(cfg)
     except UnknownFamilyError: return None
 
+# %% ../nbs/09_plan.ipynb #774bea9a
 def _text_cfg(cfg:dict) -> dict:
     for k in ('text_config', 'llm_config', 'language_config'):
         if isinstance(cfg.get(k), dict): return cfg[k]
     return cfg
 
+# %% ../nbs/09_plan.ipynb #4d211867
 def _text_type(cfg:dict) -> str|None:
     "The text architecture: the (text) model_type, with a VLM's own text variant named as its text LLM ('qwen2_5_vl_text' -> 'qwen2')."
     t = _text_cfg(cfg).get('model_type', cfg.get('model_type'))
     return re.sub(r'(_\d+)?_vl(_text)?$', '', t) if isinstance(t, str) else t
 
+# %% ../nbs/09_plan.ipynb #9a11a4cc
 def _signature(cfg:dict) -> dict:
     "What must agree between models whose language models are merged."
     sig = {'text_model_type': _text_type(cfg)}
@@ -84,11 +89,13 @@ def _signature(cfg:dict) -> dict:
     except Exception: pass
     return sig
 
+# %% ../nbs/09_plan.ipynb #367c1ab4
 def _is_vlm(cfg:dict) -> bool:
     fam = _family(cfg)
     if fam is not None: return getattr(fam, 'kind', 'text') == 'vlm'
     return any(isinstance(cfg.get(k), dict) for k in ('vision_config', 'text_config'))
 
+# %% ../nbs/09_plan.ipynb #bdaeb269
 def _canon_keys(keys, fam) -> dict:
     "canonical language-model name -> key, for the keys of one model of family `fam` (empty when it is None)."
     if fam is None: return {}
@@ -99,14 +106,17 @@ def _canon_keys(keys, fam) -> dict:
         if c is not None: out[c] = k
     return out
 
+# %% ../nbs/09_plan.ipynb #401a8484
 def _canon_map(reader) -> dict:
     "canonical language-model name -> key, for one checkpoint (empty when its family is unknown)."
     return _canon_keys(reader.keys(), _family(reader.config))
 
+# %% ../nbs/09_plan.ipynb #50b20ae3
 def _layer_of(canon:str|None, key:str) -> int|None:
     m = _LAYER_RE.search(canon or key)
     return int(m.group(1)) if m else None
 
+# %% ../nbs/09_plan.ipynb #df48f376
 def _in_ranges(layer:int|None, ranges:list|None) -> bool:
     return ranges is None or layer is None or any(a <= layer < b for a, b in ranges)
 
@@ -124,27 +134,82 @@ def _check_architectures(cfgs:dict, allow:bool, warn:list):
     if len(vlm_fams) > 1 and not allow:
         raise MergeRefused(f'the VLMs are of different families {sorted(map(str, vlm_fams))}; set allow_mismatched_architectures to merge anyway')
 
-def build_plan(config:MergeConfig, # the merge
-               readers:dict|None=None, # model ref -> open CheckpointReader (opened here when None)
-               allow_mismatched_architectures:bool|None=None # overrides the config's opt-in when not None
-              ) -> MergePlan:
-    "Decide where every output tensor comes from; raise `MergeRefused` on anything that cannot be merged."
+# %% ../nbs/09_plan.ipynb #6ce6a7a5
+def _n_layers(out_r) -> int:
+    "Decoder layers of the output model: from its config, else from its keys (`layers.N.`)."
+    n_layers = _signature(out_r.config).get('n_layers')
+    if n_layers is None:
+        ls = [_layer_of(None, k) for k in out_r.keys()]; ls = [l for l in ls if l is not None]
+        n_layers = max(ls) + 1 if ls else 1
+    return n_layers
+
+def _is_embedding(key:str, c:str|None, out_r) -> bool:
+    "Whether output tensor `key` (canonical name `c`) is the embedding or the lm_head."
+    info = None
+    if c is not None:
+        try: info = parse_key(key, _family(out_r.config))
+        except Exception: info = None
+    comp = getattr(info, 'component', None) or ('embed' if c and c.startswith('embed') else 'lm_head' if c and c.startswith('lm_head') else None)
+    return comp in ('embed', 'lm_head')
+
+def _source_keys(key:str, c:str|None, sources:list, canon:dict, readers:dict) -> dict:
+    "Where the same tensor lives in each source: by canonical name `c`, else by `key` itself (None where absent)."
+    return {r: (canon[r].get(c) if c is not None else (key if key in readers[r] else None)) for r in sources}
+
+# %% ../nbs/09_plan.ipynb #149bd9a6
+def _merge_rows(key:str, shape:tuple, src:dict, readers:dict, is_emb:bool, out_ref:str, warn:list) -> int|None:
+    "How many rows of `key` to merge when vocabulary sizes differ (None: all); any other shape mismatch is refused."
+    rows = None
+    for r, k2 in src.items():
+        s2 = tuple(readers[r].shape(k2))
+        if s2 == shape: continue
+        if is_emb and len(s2) == len(shape) and s2[1:] == shape[1:]:
+            rows = min(rows or shape[0], s2[0], shape[0]); continue
+        raise MergeRefused(f'shape mismatch: {key} is {shape} in {out_ref} but {k2} is {s2} in {r} ({readers[r].file_of(k2)})')
+    if rows is not None:
+        warn.append(f'vocabulary sizes differ for {key}: ' + ', '.join(f'{r}: {readers[r].shape(k2)[0]}' for r, k2 in src.items())
+                    + f'; merging the first {rows} rows, the rest from {out_ref}')
+    return rows
+
+def _check_item_params(config:MergeConfig, key:str, t:float):
+    "Refuse a tensor whose resolved parameters lack what the method needs, or that the method rejects."
+    method = MERGE_METHODS[config.merge_method]
+    per, glob = tensor_parameters(config, key, t)
+    for m, p in zip(merged_models(config), per):
+        miss = [r for r in method.required if r not in p]
+        if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
+    try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
+    except ValueError as e: raise MergeConfigError(str(e)) from None
+
+# %% ../nbs/09_plan.ipynb #4ba38b38
+def _output_model(config:MergeConfig, readers:dict, refs:list, merged_refs:list) -> tuple[str, bool]:
+    "(the output model: `output_model`, else the first VLM merged, else the base, else the first model; whether VLMs meet text LLMs)."
+    is_vlm = {r: _is_vlm(readers[r].config) for r in refs}
+    out_ref = config.output_model or next((r for r in merged_refs if is_vlm[r]), None) or config.base_model or config.models[0].model
+    return out_ref, len({is_vlm[r] for r in merged_refs}) > 1
+
+def _open_inputs(config:MergeConfig, readers:dict|None) -> tuple[dict, list, list]:
+    "(model ref -> reader, every ref the merge reads, the refs whose tensors are merged), opening what `readers` lacks."
     refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]
                               + ([config.output_model] if config.output_model else []) +
                               ([config.tokenizer_source] if config.tokenizer_source not in (None, 'base') else [])))
     readers = dict(readers or {})
     for r in refs:
         if r not in readers: readers[r] = open_input(r)
+    return readers, refs, list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
+
+# %% ../nbs/09_plan.ipynb #e48d8033
+def build_plan(config:MergeConfig, # the merge
+               readers:dict|None=None, # model ref -> open CheckpointReader (opened here when None)
+               allow_mismatched_architectures:bool|None=None # overrides the config's opt-in when not None
+              ) -> MergePlan:
+    "Decide where every output tensor comes from; raise `MergeRefused` on anything that cannot be merged."
+    readers, refs, merged_refs = _open_inputs(config, readers)
     allow = config.allow_mismatched_architectures if allow_mismatched_architectures is None else allow_mismatched_architectures
     warn = []
-    merged_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
-    cfgs = {r: readers[r].config for r in merged_refs}
-    _check_architectures(cfgs, allow, warn)
-    is_vlm = {r: _is_vlm(readers[r].config) for r in refs}
-    out_ref = config.output_model or next((r for r in merged_refs if is_vlm[r]), None) or config.base_model or config.models[0].model
-    mixed = len({is_vlm[r] for r in merged_refs}) > 1
+    _check_architectures({r: readers[r].config for r in merged_refs}, allow, warn)
+    out_ref, mixed = _output_model(config, readers, refs, merged_refs)
     emb_policy = config.embeddings if config.embeddings != 'auto' else ('output' if mixed else 'merge')
-    method = MERGE_METHODS[config.merge_method]
     needs_base = config.merge_method in _base_methods()
     if config.merge_method == 'slerp' and len(config.non_base) != 1:
         raise MergeConfigError(f'models: slerp merges base_model with exactly one other model, got {len(config.non_base)}')
@@ -155,60 +220,28 @@ def build_plan(config:MergeConfig, # the merge
         ', '.join(r for r in canon if not canon[r]) + ' is unknown to vlm_merge.anatomy (register_family)')
     inv_out = {k: c for c, k in canon[out_ref].items()} if use_canon else {}
     out_r = readers[out_ref]
-    n_layers = _signature(out_r.config).get('n_layers')
-    if n_layers is None:
-        ls = [_layer_of(None, k) for k in out_r.keys()]; ls = [l for l in ls if l is not None]
-        n_layers = max(ls) + 1 if ls else 1
-    items = []
+    n_layers, items, copied = _n_layers(out_r), [], []
     sources = ([config.base_model] if needs_base else []) + [m.model for m in merged_models(config)]
-    copied = []
     for key in out_r.keys():
         c = inv_out.get(key)
         layer = _layer_of(c, key) if (c is not None or not use_canon) else None   # vision layers are not text layers
         t = layer / (n_layers - 1) if (layer is not None and n_layers > 1) else 0.0
-        shape = tuple(out_r.shape(key))
-        info = None
-        if c is not None:
-            try: info = parse_key(key, _family(out_r.config))
-            except Exception: info = None
-        comp = getattr(info, 'component', None) or ('embed' if c and c.startswith('embed') else 'lm_head' if c and c.startswith('lm_head') else None)
-        is_emb = comp in ('embed', 'lm_head')
-        # where the same tensor lives in each source
-        src = {}
-        for r in sources:
-            if c is not None: k2 = canon[r].get(c)
-            else: k2 = key if key in readers[r] else None
-            src[r] = k2
+        shape, is_emb = tuple(out_r.shape(key)), _is_embedding(key, c, out_r)
+        src = _source_keys(key, c, sources, canon, readers)
         nonfloat = [r for r, k2 in src.items() if k2 is not None and not readers[r].dtype(k2).is_floating_point]
         if not out_r.dtype(key).is_floating_point or nonfloat:   # integer / bool tensors (ids, masks) are copied, never merged
             copied.append(f'{key} ({out_r.dtype(key)}'.replace('torch.', '') + ''.join(f', {readers[r].dtype(src[r])} in {r}'.replace('torch.', '') for r in nonfloat) + ')')
             items.append(PlanItem(key, 'copy', {out_ref: key}, t=t, shape=shape)); continue
-        copy = (c is None and any(v is None for v in src.values())   # vision tower / projector / other: from the output model
-                or (is_emb and emb_policy == 'output')
-                or (layer is not None and not _in_ranges(layer, config.merge_layers)))
-        if copy:
+        if (c is None and any(v is None for v in src.values())   # vision tower / projector / other: from the output model
+                or (is_emb and emb_policy == 'output') or (layer is not None and not _in_ranges(layer, config.merge_layers))):
             items.append(PlanItem(key, 'copy', {out_ref: key}, t=t, shape=shape)); continue
         missing = [r for r, k2 in src.items() if k2 is None]
         if missing:
             raise MergeRefused(f'missing tensor: {key} (canonical {c}) has no counterpart in ' + ', '.join(
                 f'{r} ({readers[r].path})' for r in missing))
-        rows = None
-        for r, k2 in src.items():
-            s2 = tuple(readers[r].shape(k2))
-            if s2 == shape: continue
-            if is_emb and len(s2) == len(shape) and s2[1:] == shape[1:]:
-                rows = min(rows or shape[0], s2[0], shape[0]); continue
-            raise MergeRefused(f'shape mismatch: {key} is {shape} in {out_ref} but {k2} is {s2} in {r} ({readers[r].file_of(k2)})')
-        if rows is not None:
-            warn.append(f'vocabulary sizes differ for {key}: ' + ', '.join(f'{r}: {readers[r].shape(k2)[0]}' for r, k2 in src.items())
-                        + f'; merging the first {rows} rows, the rest from {out_ref}')
+        rows = _merge_rows(key, shape, src, readers, is_emb, out_ref, warn)
         base_key = src.pop(config.base_model) if needs_base else None
-        per, glob = tensor_parameters(config, key, t)
-        for m, p in zip(merged_models(config), per):
-            miss = [r for r in method.required if r not in p]
-            if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
-        try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
-        except ValueError as e: raise MergeConfigError(str(e)) from None
+        _check_item_params(config, key, t)
         items.append(PlanItem(key, 'merge', src, base_key=base_key, t=t, shape=shape, rows=rows, canon=c))
     if copied: warn.append(f'{len(copied)} non-float tensor(s) copied from {out_ref}, not merged: ' + ', '.join(copied[:5]) + (' ...' if len(copied) > 5 else ''))
     if config.sparsegpt and not config.use_sparsegpt:
@@ -236,6 +269,7 @@ def _match_key(name:str, # a parameter name of a loaded model ('model.language_m
         if hits: return None   # ambiguous
     return None
 
+# %% ../nbs/09_plan.ipynb #5fb01af8
 class LoraReader:
     "A base checkpoint with a peft LoRA adapter folded in, tensor by tensor: a `CheckpointReader` look-alike with `CheckpointReader.read_rows`'s row ranges."
     format = 'lora'
@@ -275,39 +309,44 @@ class LoraReader:
         return torch.Size(self.adapter.saved_shape(self.saved[key])) if key in self.saved else self.base.shape(key)
     def dtype(self, key:str) -> torch.dtype: return self.base.dtype(key)
     def file_of(self, key:str) -> Path: return self.adapter.file if key in self.saved or key in self.targets else self.base.file_of(key)
-    @property
-    def tokenizer_path(self) -> Path:
-        "The adapter's folder when it ships a tokenizer (a resized vocabulary), else the base's."
-        return self.adapter.path if any(self.adapter.path.glob('tokenizer*')) else self.path
 
     def _factors(self, k):
         if self._last[0] != k: self._last = (k, self.adapter.factors(k))   # the stream asks for one tensor's rows many times
         return self._last[1]
 
-    def get(self, key:str, # tensor name in the base checkpoint
-            start:int|None=None, # first row (dim 0); None: the whole tensor
-            stop:int|None=None # row after the last
-           ) -> torch.Tensor:
-        "Tensor `key` of the folded model (or its rows [start, stop)): base (or saved copy) + B @ A * scale in float32, in the base's dtype."
-        dt = self.base.dtype(key)
-        if key in self.saved:
-            x = self.adapter.saved_tensor(self.saved[key], start, stop).to(dt)
-        else: x = self.base.read_rows(key, start, stop)
-        if key in self.targets:
-            k = self.targets[key]
-            if start is None: d = self.adapter.delta(k)   # exactly what `LoraAdapter.fold` adds
-            else:
-                A, B, s, tr = self._factors(k)
-                d = (B.float() @ A[:, start:stop].float()).T * s if tr else (B[start:stop].float() @ A.float()) * s
-            x = (x.float() + d).to(dt)
-        return x
-
-    read_rows = get   # what the stream calls on every input
-
     def close(self):
         self.base.close()
     def __repr__(self): return f'LoraReader({self.source!r}: {len(self.targets)} tensors with a LoRA delta, {len(self.saved)} replaced)'
 
+# %% ../nbs/09_plan.ipynb #87b29c74
+@patch
+def get(self:LoraReader, key:str, # tensor name in the base checkpoint
+        start:int|None=None, # first row (dim 0); None: the whole tensor
+        stop:int|None=None # row after the last
+       ) -> torch.Tensor:
+    "Tensor `key` of the folded model (or its rows [start, stop)): base (or saved copy) + B @ A * scale in float32, in the base's dtype."
+    dt = self.base.dtype(key)
+    if key in self.saved:
+        x = self.adapter.saved_tensor(self.saved[key], start, stop).to(dt)
+    else: x = self.base.read_rows(key, start, stop)
+    if key in self.targets:
+        k = self.targets[key]
+        if start is None: d = self.adapter.delta(k)   # exactly what `LoraAdapter.fold` adds
+        else:
+            A, B, s, tr = self._factors(k)
+            d = (B.float() @ A[:, start:stop].float()).T * s if tr else (B[start:stop].float() @ A.float()) * s
+        x = (x.float() + d).to(dt)
+    return x
+
+LoraReader.read_rows = LoraReader.get   # what the stream calls on every input
+
+# %% ../nbs/09_plan.ipynb #f7e59e49
+@patch(as_prop=True)
+def tokenizer_path(self:LoraReader) -> Path:
+    "The adapter's folder when it ships a tokenizer (a resized vocabulary), else the base's."
+    return self.adapter.path if any(self.adapter.path.glob('tokenizer*')) else self.path
+
+# %% ../nbs/09_plan.ipynb #0f51117b
 def open_input(ref:str # a model reference: folder, Hub id, or 'base+adapter'
               ) -> CheckpointReader|LoraReader:
     "A lazy reader of one input: a checkpoint, or a base with a LoRA adapter folded in."

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['hinv_diagonal', 'sparsegpt_importance', 'decoder_layers', 'module_for_key', 'HessianDict', 'HessianStore', 'hessians',
@@ -39,6 +40,7 @@ def hinv_diagonal(H:torch.Tensor,       # Hessian X^T X of a layer's input [in, 
     hinv[dead] = float('inf')
     return hinv
 
+# %% ../nbs/08_sparsegpt.ipynb #5d57c5ea
 def sparsegpt_importance(W:torch.Tensor,     # weight or task vector [out, in] of an nn.Linear
                          H:torch.Tensor,     # Hessian X^T X of the layer's input [in, in]
                          damp:float=0.01,    # damping, a fraction of the mean diagonal of H
@@ -69,6 +71,7 @@ def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:
     if not cands: raise ValueError(f"{type(model).__name__}: no decoder layers found (no ModuleList named layers/h/blocks outside the vision tower)")
     return max(cands, key=lambda nm: len(nm[1]))
 
+# %% ../nbs/08_sparsegpt.ipynb #4e97f89f
 def _fingerprint(model:nn.Module) -> str:
     "Hash of a model's identity: class, name_or_path, config, and every parameter's shape, dtype, float64 sum and a strided sample."
     h = hashlib.sha256()
@@ -88,6 +91,7 @@ def _fingerprint(model:nn.Module) -> str:
                 h.update(f[:: max(1, f.numel() // 64)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/08_sparsegpt.ipynb #bfbb3e90
 def _data_hash(data, extra) -> str:
     h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for x in data:
@@ -111,6 +115,7 @@ def module_for_key(names, # module names ('model.layers.3.self_attn.q_proj', 'tr
     tail = m.group(0).lstrip('.')
     return next((n for n in names if n == tail or n.endswith('.' + tail)), None)
 
+# %% ../nbs/08_sparsegpt.ipynb #f6640b18
 class HessianDict(dict):
     "Module name -> Hessian, computed in memory (no cache); `layers` and `transposed` as `HessianStore.meta` has them."
     def __init__(self, *a, layers:str='layers', transposed=(), **kw):
@@ -122,6 +127,7 @@ class HessianDict(dict):
         "As `HessianStore.is_transposed`."
         return module_for_key(self.meta['transposed'], key, self.meta['layers']) is not None
 
+# %% ../nbs/08_sparsegpt.ipynb #724b2c0c
 class HessianStore(Mapping):
     "Read-only mapping module name -> Hessian (float32), loaded lazily, one layer file at a time."
     def __init__(self, folder, # a cache folder written by `hessians`
@@ -130,30 +136,40 @@ class HessianStore(Mapping):
         meta = json.loads((self.folder / 'meta.json').read_text())
         self.meta, self.names = meta, meta['modules']   # {module name: (layer, stored name)}
         self._cache: dict = {}
-    def _layer(self, i:int) -> dict:
-        if i not in self._cache:
-            f = self.folder / f'layer_{i:04d}.safetensors'
-            if not f.exists(): raise FileNotFoundError(f"{f} missing: the Hessian cache is incomplete")
-            self._cache = {i: load_file(str(f))}   # keep one layer in memory
-        return self._cache[i]
-    def __getitem__(self, name):
-        if name not in self.names: raise KeyError(f"no Hessian for {name!r} in {self.folder}")
-        layer, stored = self.names[name]
-        return self._layer(layer)[stored]
     def __iter__(self): return iter(self.names)
     def __len__(self): return len(self.names)
-    def for_key(self, key:str) -> torch.Tensor|None:
-        "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight', GPT-2/BLOOM '...h.3.attn.c_attn.weight'), matched on the part from the decoder list's `<name>.N.` on; None if absent."
-        n = module_for_key(self.names, key, self.meta.get('layers', 'layers'))
-        return None if n is None else self[n]
     def is_transposed(self, key:str) -> bool:
         "Whether the weight of `key` is stored [in, out] (GPT-2's `Conv1D`), so its importance is taken on the transpose."
         return module_for_key(self.meta.get('transposed', []), key, self.meta.get('layers', 'layers')) is not None
     def __repr__(self): return f"HessianStore({self.folder}, {len(self)} modules, {self.meta['n_layers']} layers)"
 
+# %% ../nbs/08_sparsegpt.ipynb #d5ac258f
+@patch
+def _layer(self:HessianStore, i:int) -> dict:
+    if i not in self._cache:
+        f = self.folder / f'layer_{i:04d}.safetensors'
+        if not f.exists(): raise FileNotFoundError(f"{f} missing: the Hessian cache is incomplete")
+        self._cache = {i: load_file(str(f))}   # keep one layer in memory
+    return self._cache[i]
+
+# %% ../nbs/08_sparsegpt.ipynb #100f4fe4
+@patch
+def __getitem__(self:HessianStore, name):
+    if name not in self.names: raise KeyError(f"no Hessian for {name!r} in {self.folder}")
+    layer, stored = self.names[name]
+    return self._layer(layer)[stored]
+
+# %% ../nbs/08_sparsegpt.ipynb #a738fa4d
+@patch
+def for_key(self:HessianStore, key:str) -> torch.Tensor|None:
+    "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight', GPT-2/BLOOM '...h.3.attn.c_attn.weight'), matched on the part from the decoder list's `<name>.N.` on; None if absent."
+    n = module_for_key(self.names, key, self.meta.get('layers', 'layers'))
+    return None if n is None else self[n]
+
 # %% ../nbs/08_sparsegpt.ipynb #617eb783
 class _Stop(Exception): pass
 
+# %% ../nbs/08_sparsegpt.ipynb #291a2ae3
 def _batches(data, tokenizer, max_length):
     for x in data:
         if isinstance(x, str):
@@ -168,6 +184,7 @@ def _batches(data, tokenizer, max_length):
             ids = torch.as_tensor(x); ids = ids[None] if ids.dim() == 1 else ids
             yield {'input_ids': ids[:, :max_length], 'attention_mask': None}
 
+# %% ../nbs/08_sparsegpt.ipynb #52c7877b
 def hessians(model:nn.Module,           # a loaded transformers model (text LLM or VLM language model)
              data,                       # calibration: list of str (with `tokenizer`), token-id tensors, or dicts with input_ids/attention_mask
              cache_dir=None,             # folder of the cache; None: no cache (computed in memory, returned as a dict)
@@ -273,6 +290,7 @@ def tiny_llama(seed:int=0, layers:int=2, hidden:int=32, vocab:int=64) -> nn.Modu
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
 
+# %% ../nbs/08_sparsegpt.ipynb #3380b425
 def word_tokenizer(texts:list, max_vocab:int=64):
     "A word-level `PreTrainedTokenizerFast` built from `texts` (offline), for tests and examples."
     from tokenizers import Tokenizer, models, pre_tokenizers

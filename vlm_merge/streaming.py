@@ -22,12 +22,85 @@ def _finite(t:torch.Tensor, what:str, fast:bool=False):
         n = int((~torch.isfinite(t)).sum())
         raise MergeRefused(f'NaN/Inf in input: {n} non-finite value(s) in {what}')
 
+# %% ../nbs/09_streaming.ipynb #cd84d3e4
 def tensor_seed(seed:int|None, key:str) -> int|None:
     "A per-tensor seed from the run's seed and the tensor name (order-independent)."
     return None if seed is None else (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
 
 # %% ../nbs/09_streaming.ipynb #915b3fba
 CHUNK_ELEMENTS = 1 << 16   # elements per chunk of the streaming kernel (256 kB in float32: the temporaries stay in cache)
+
+# %% ../nbs/09_streaming.ipynb #559c572e
+def _row_ranges(shape:tuple, # tensor shape
+                chunk:int # elements per chunk
+               ) -> list:
+    "[start, stop) row ranges of about `chunk` elements each ([(None, None)] for a scalar)."
+    n = math.prod(shape)
+    rows = shape[0] if len(shape) else 1
+    step = max(1, chunk // max(1, n // max(rows, 1)))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] if len(shape) else [(None, None)]
+
+# %% ../nbs/09_streaming.ipynb #759a183f
+def _trim_threshold(get, # get(i, start, stop) -> rows of input i (0 = base)
+                    i:int, # the model (0-based; its input is i + 1)
+                    k:int, # entries of its task vector to keep
+                    ranges:list, # the row ranges (`_row_ranges`)
+                    load=None, # the kernel's chunk loader when the tensor is one chunk (its |delta| bits are cached)
+                    labels:list|None=None # input names for NaN/Inf errors
+                   ) -> tuple[int, int]:
+    "(threshold bits, ties at it still to keep) for keeping the `k` largest |delta| of model `i`; (0, 0) keeps every nonzero delta."
+    # nonzero deltas, counted on the stored values (x != base exactly when x - base != 0 in float32)
+    nnz = sum(int(torch.count_nonzero(get(i + 1, a, b) != get(0, a, b))) for a, b in ranges)
+    if nnz < k: return 0, 0   # every nonzero delta is kept: no trimming at all
+    def bits():
+        for a, b in ranges:
+            if load is not None: yield load(a, b)[3][i].reshape(-1); continue
+            x0, x1 = get(0, a, b).float(), get(i + 1, a, b).float()   # only the base and model i
+            _finite(x0, labels[0], fast=True); _finite(x1, labels[i + 1], fast=True)
+            yield x1.sub_(x0).abs_().view(torch.int32).reshape(-1)
+    thr, gt = kth_largest_bits(bits, k, nnz)
+    return thr, k - gt
+
+# %% ../nbs/09_streaming.ipynb #8c8d04d3
+def _mix(wds:list, # each model's weighted (trimmed) task vector of one chunk
+         w:torch.Tensor, # the models' weights
+         dtype:torch.dtype, # float32
+         consensus:bool, # TIES' sign election (else plain sum)
+         normalize:bool, # divide by the weights that take part
+         lam:float # scale of the merged task vector
+        ) -> torch.Tensor:
+    "The merged task vector of one chunk: TIES' sign consensus or a sum, normalised and scaled as `merge_tensors` does."
+    if consensus:
+        tot = wds[0]
+        for x in wds[1:]: tot = tot + x
+        maj = (tot >= 0).to(dtype) * 2 - 1
+        masks = [(x.sign() == maj).to(dtype) for x in wds]
+        mixed, div = wds[0] * masks[0], w[0] * masks[0]
+        for x, mk, wi in zip(wds[1:], masks[1:], w[1:]): mixed, div = mixed + x * mk, div + wi * mk
+        div[div == 0] = 1
+    else:
+        mixed = wds[0]
+        for x in wds[1:]: mixed = mixed + x
+        div = w.sum(dim=0)
+        div[div.abs() < 1e-8] = 1
+    if normalize: mixed = mixed / div
+    if lam != 1.0: mixed = mixed * lam
+    return mixed
+
+# %% ../nbs/09_streaming.ipynb #37ee1fd4
+def _thresholds(get, per:list, n:int, ranges:list, load, labels:list, name:str) -> tuple[list, list]|None:
+    "(threshold bits, ties to keep) of each model's trim at its `density` (None: no trim); None when density keeps nothing of identical inputs."
+    N = len(per); thr, need = [None] * N, [0] * N
+    for i, p in enumerate(per):
+        dens = float(p.get('density', 1.0))
+        if dens >= 1: continue
+        k = int(dens * n)
+        if k <= 0:
+            if all(torch.equal(get(j, a, b), get(0, a, b)) for a, b in ranges for j in range(1, N + 1)): return None
+            raise MergeRefused(f'{name}: density {dens} keeps no entry of a tensor of {n} elements')
+        if k >= n: continue
+        thr[i], need[i] = _trim_threshold(get, i, k, ranges, load, labels)
+    return thr, need
 
 # %% ../nbs/09_streaming.ipynb #5af85c79
 _KERNEL = {'ties': ('magnitude', 'sum'), 'task_arithmetic': (None, None)}
@@ -38,6 +111,7 @@ def _kernel_ok(cfg:MergeConfig, it:PlanItem, per:list, gp:dict) -> bool:
     if gp.get('use_sparsegpt') or any('importance' in p for p in per): return False
     return all('weight' in p for p in per)
 
+# %% ../nbs/09_streaming.ipynb #25f5a414
 def stream_task_arithmetic(get, # get(i, start, stop) -> rows of input i (0 = base), any float dtype, on the device
                            shape:tuple, # tensor shape
                            method:str, # 'ties' or 'task_arithmetic'
@@ -54,9 +128,7 @@ def stream_task_arithmetic(get, # get(i, start, stop) -> rows of input i (0 = ba
     sparsification, consensus = _KERNEL[method]
     n = math.prod(shape); N = len(per)
     labels = labels or [f'{name} (input {i})' for i in range(N + 1)]
-    rows = shape[0] if len(shape) else 1
-    step = max(1, chunk // max(1, n // max(rows, 1)))
-    ranges = [(a, min(a + step, rows)) for a in range(0, rows, step)] if len(shape) else [(None, None)]
+    ranges = _row_ranges(shape, chunk)
     single, cache = len(ranges) == 1, {}
     def load(a, b):
         "raw inputs, float32 inputs, deltas and |delta| bits of one chunk (kept when the tensor is one chunk)"
@@ -68,30 +140,12 @@ def stream_task_arithmetic(get, # get(i, start, stop) -> rows of input i (0 = ba
         r = (raw, v, ds, [d.abs().view(torch.int32) for d in ds] if sparsification and single else None)
         if single: cache[(a, b)] = r
         return r
-    w = [float(p['weight']) for p in per]
-    wt = torch.tensor(w, dtype=torch.float32)
+    wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
     thr, need = [None] * N, [0] * N
     if sparsification == 'magnitude':
-        for i, p in enumerate(per):
-            dens = float(p.get('density', 1.0))
-            if dens >= 1: continue
-            k = int(dens * n)
-            if k <= 0:
-                if all(torch.equal(get(j, a, b), get(0, a, b)) for a, b in ranges for j in range(1, N + 1)):
-                    return torch.cat([get(0, a, b).reshape(-1) for a, b in ranges]).view(shape).to(out_dtype)   # identical inputs
-                raise MergeRefused(f'{name}: density {dens} keeps no entry of a tensor of {n} elements')
-            if k >= n: continue
-            # nonzero deltas, counted on the stored values (x != base exactly when x - base != 0 in float32)
-            nnz = sum(int(torch.count_nonzero(get(i + 1, a, b) != get(0, a, b))) for a, b in ranges)
-            if nnz < k: thr[i], need[i] = 0, 0; continue   # every nonzero delta is kept: no trimming at all
-            def bits(i=i):
-                for a, b in ranges:
-                    if single: yield load(a, b)[3][i].reshape(-1); continue
-                    x0, x1 = get(0, a, b).float(), get(i + 1, a, b).float()   # only the base and model i
-                    _finite(x0, labels[0], fast=True); _finite(x1, labels[i + 1], fast=True)
-                    yield x1.sub_(x0).abs_().view(torch.int32).reshape(-1)
-            thr[i], gt = kth_largest_bits(bits, k, nnz)
-            need[i] = k - gt
+        tn = _thresholds(get, per, n, ranges, load if single else None, labels, name)
+        if tn is None: return torch.cat([get(0, a, b).reshape(-1) for a, b in ranges]).view(shape).to(out_dtype)   # identical inputs
+        thr, need = tn
     lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
     out = None
     for a, b in ranges:
@@ -110,22 +164,7 @@ def stream_task_arithmetic(get, # get(i, start, stop) -> rows of input i (0 = ba
                 mask, need[i] = chunk_topk_mask(sb, thr[i], need[i])
                 d = d * mask.to(d.dtype)
             wds.append(d * wd_[i])
-        if consensus:
-            tot = wds[0]
-            for x in wds[1:]: tot = tot + x
-            maj = (tot >= 0).to(base.dtype) * 2 - 1
-            masks = [(x.sign() == maj).to(base.dtype) for x in wds]
-            mixed, div = wds[0] * masks[0], wd_[0] * masks[0]
-            for x, mk, wi in zip(wds[1:], masks[1:], wd_[1:]): mixed, div = mixed + x * mk, div + wi * mk
-            div[div == 0] = 1
-        else:
-            mixed = wds[0]
-            for x in wds[1:]: mixed = mixed + x
-            div = wd_.sum(dim=0)
-            div[div.abs() < 1e-8] = 1
-        if gp.get('normalize', False): mixed = mixed / div
-        if lam != 1.0: mixed = mixed * lam
-        res = base + mixed
+        res = base + _mix(wds, wd_, base.dtype, consensus, gp.get('normalize', False), lam)
         if not bool(torch.isfinite(res.sum())) and not bool(torch.isfinite(res).all()):
             raise MergeRefused(f'{name}: the merge produced NaN or Inf')
         dst.copy_(res.to(out_dtype))

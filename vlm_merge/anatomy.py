@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, Iterable
 import torch
 from torch import nn
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['GROUPS', 'ROW_GROUPS', 'COL_GROUPS', 'FUSED', 'NORMS', 'COMPONENTS', 'DECODERS', 'FAMILIES', 'TINY_FAMILIES',
@@ -53,6 +54,7 @@ class Decoder:
             if group in members and fg in self.modules: return self.modules[fg], fg
         raise KeyError(f"decoder {self.name!r} has no module for group {group!r}; it has {sorted(self.modules)}")
 
+# %% ../nbs/00_anatomy.ipynb #3df9f656
 _LLAMA_MODULES = {'attn_q': 'self_attn.q_proj', 'attn_k': 'self_attn.k_proj', 'attn_v': 'self_attn.v_proj',
                   'attn_o': 'self_attn.o_proj', 'fwd_gate': 'mlp.gate_proj', 'fwd_up': 'mlp.up_proj',
                   'fwd_down': 'mlp.down_proj'}
@@ -97,6 +99,7 @@ class KeyLayout:
     vision: tuple = ()         # prefixes of the vision tower
     projector: tuple = ()      # prefixes of the vision-to-text projector (and other multimodal glue)
 
+# %% ../nbs/00_anatomy.ipynb #d2357ff1
 @dataclass(frozen=True)
 class Family:
     "One model family: the model types it answers to, its decoder and its checkpoint layouts."
@@ -116,10 +119,12 @@ class Family:
             if l.tag == tag: return l
         raise KeyError(f"family {self.name!r} has no {tag!r} layout; it has {[l.tag for l in self.layouts]}")
 
+# %% ../nbs/00_anatomy.ipynb #0f6d9e8d
 FAMILIES: dict[str, Family] = {}
 
 def _join(*parts:str) -> str: return '.'.join(p for p in parts if p)
 
+# %% ../nbs/00_anatomy.ipynb #e68fb9a9
 def register_family(fam:Family, # the family to add
                     overwrite:bool=False # replace a family of the same name (and take over its model types)
                    ) -> Family:
@@ -190,6 +195,7 @@ def families_table() -> 'pandas.DataFrame':
 class UnknownFamilyError(ValueError):
     "A model type that no registered family answers to."
 
+# %% ../nbs/00_anatomy.ipynb #945310ea
 def _unknown(what:str, source:str='') -> UnknownFamilyError:
     known = ', '.join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
     return UnknownFamilyError(
@@ -199,18 +205,21 @@ def _unknown(what:str, source:str='') -> UnknownFamilyError:
         "decoder='llama')) -- and register_decoder(Decoder(...)) if its layers are not laid out like an existing "
         f"decoder ({', '.join(DECODERS)}). See nbs/00_anatomy.ipynb, 'Adding a family'.")
 
+# %% ../nbs/00_anatomy.ipynb #faa225e6
 def _cfg_get(cfg, name:str, default=None):
     "A field of a config object or dict."
     if cfg is None: return default
     if isinstance(cfg, dict): return cfg.get(name, default)
     return getattr(cfg, name, default)
 
+# %% ../nbs/00_anatomy.ipynb #09a29330
 def _read_config(path:Path) -> dict:
     f = Path(path) / 'config.json' if Path(path).is_dir() else Path(path)
     if not f.exists(): raise FileNotFoundError(f"no config.json in {path}")
     try: return json.loads(f.read_text())
     except json.JSONDecodeError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None
 
+# %% ../nbs/00_anatomy.ipynb #e3152532
 def get_family(obj # a model, a config (object or dict), a family name, or a folder holding config.json
               ) -> Family:
     "The `Family` of `obj`, read from its `model_type`."
@@ -242,6 +251,7 @@ def text_config_of(config # a config object or dict, of a text LLM or a VLM
     if hasattr(config, 'get_text_config'): return config.get_text_config()
     return config
 
+# %% ../nbs/00_anatomy.ipynb #2b143327
 def _with_defaults(d:dict) -> dict:
     "A config dict with the defaults of its transformers class filled in (sparse llava-hf text_configs)."
     mt = d.get('model_type')
@@ -253,6 +263,7 @@ def _with_defaults(d:dict) -> dict:
     except Exception: pass
     return d
 
+# %% ../nbs/00_anatomy.ipynb #ce7d5a12
 @dataclass
 class HeadGeometry:
     "Attention and MLP sizes of a language model, and maps between q and grouped k/v neuron indices."
@@ -274,35 +285,42 @@ class HeadGeometry:
     @property
     def kv_dim(self) -> int: return self.n_kv_heads * self.head_dim
 
-    def n_neurons(self, group:str # one of GROUPS
-                 ) -> int:
-        "How many neurons (rows of a row group, columns of a column group) `group` has."
-        return {'attn_q': self.q_dim, 'attn_o': self.q_dim, 'attn_k': self.kv_dim, 'attn_v': self.kv_dim,
-                'fwd_gate': self.intermediate_size, 'fwd_up': self.intermediate_size,
-                'fwd_down': self.intermediate_size}[group]
+# %% ../nbs/00_anatomy.ipynb #23c0b2fd
+@patch
+def n_neurons(self:HeadGeometry, group:str # one of GROUPS
+             ) -> int:
+    "How many neurons (rows of a row group, columns of a column group) `group` has."
+    return {'attn_q': self.q_dim, 'attn_o': self.q_dim, 'attn_k': self.kv_dim, 'attn_v': self.kv_dim,
+            'fwd_gate': self.intermediate_size, 'fwd_up': self.intermediate_size,
+            'fwd_down': self.intermediate_size}[group]
 
-    def q_to_kv(self, indices:Iterable[int] # q (or o-column) neuron indices
-               ) -> list[int]:
-        "Sorted unique k/v neuron indices read by these q neurons (same dimension of the shared kv head)."
-        d, g = self.head_dim, self.group_size
-        out = set()
-        for n in indices:
-            n = int(n)
-            if not 0 <= n < self.q_dim: raise IndexError(f"q neuron {n} out of range [0, {self.q_dim})")
-            out.add((n // d // g) * d + n % d)
-        return sorted(out)
+# %% ../nbs/00_anatomy.ipynb #3c711420
+@patch
+def q_to_kv(self:HeadGeometry, indices:Iterable[int] # q (or o-column) neuron indices
+           ) -> list[int]:
+    "Sorted unique k/v neuron indices read by these q neurons (same dimension of the shared kv head)."
+    d, g = self.head_dim, self.group_size
+    out = set()
+    for n in indices:
+        n = int(n)
+        if not 0 <= n < self.q_dim: raise IndexError(f"q neuron {n} out of range [0, {self.q_dim})")
+        out.add((n // d // g) * d + n % d)
+    return sorted(out)
 
-    def kv_to_q(self, indices:Iterable[int] # k or v neuron indices
-               ) -> list[int]:
-        "Sorted unique q neuron indices whose heads read these k/v neurons."
-        d, g = self.head_dim, self.group_size
-        out = set()
-        for m in indices:
-            m = int(m)
-            if not 0 <= m < self.kv_dim: raise IndexError(f"kv neuron {m} out of range [0, {self.kv_dim})")
-            out.update((((m // d) * g + j) * d + m % d) for j in range(g))
-        return sorted(out)
+# %% ../nbs/00_anatomy.ipynb #3028afc1
+@patch
+def kv_to_q(self:HeadGeometry, indices:Iterable[int] # k or v neuron indices
+           ) -> list[int]:
+    "Sorted unique q neuron indices whose heads read these k/v neurons."
+    d, g = self.head_dim, self.group_size
+    out = set()
+    for m in indices:
+        m = int(m)
+        if not 0 <= m < self.kv_dim: raise IndexError(f"kv neuron {m} out of range [0, {self.kv_dim})")
+        out.update((((m // d) * g + j) * d + m % d) for j in range(g))
+    return sorted(out)
 
+# %% ../nbs/00_anatomy.ipynb #2386d632
 def head_geometry(config # a config object or dict (text LLM or VLM)
                  ) -> HeadGeometry:
     "Head geometry of the language model described by `config`."
@@ -333,10 +351,12 @@ def fused_rows(fused:str, # a FUSED name: 'attn_qkv', 'attn_qkv_grouped' or 'fwd
     off = G * d if group == 'attn_k' else (G + 1) * d
     return (base + off + torch.arange(d)[None, :]).reshape(-1)
 
+# %% ../nbs/00_anatomy.ipynb #97d8ea05
 def fused_size(fused:str, geom:HeadGeometry) -> int:
     "Rows of a fused weight."
     return geom.intermediate_size * 2 if fused == 'fwd_gate_up' else geom.q_dim + 2 * geom.kv_dim
 
+# %% ../nbs/00_anatomy.ipynb #bd309b76
 def split_fused(t:torch.Tensor, # a fused weight [rows, in] or bias [rows]
                 fused:str, # a FUSED name
                 geom:HeadGeometry # head geometry of the model
@@ -346,6 +366,7 @@ def split_fused(t:torch.Tensor, # a fused weight [rows, in] or bias [rows]
         raise ValueError(f"fused {fused!r} tensor has {t.shape[0]} rows; the head geometry says {fused_size(fused, geom)}")
     return {g: t[fused_rows(fused, g, geom)] for g in FUSED[fused]}
 
+# %% ../nbs/00_anatomy.ipynb #133f26b5
 def fuse_groups(parts:dict, # {group: tensor} for every member of `fused`
                 fused:str, # a FUSED name
                 geom:HeadGeometry # head geometry of the model
@@ -398,6 +419,7 @@ def tiny_config(name:str, # a family in TINY_FAMILIES
                                                      fullatt_block_indexes=[0], window_size=56))
     raise _unknown(f"{name!r} has no tiny config (tiny families: {', '.join(TINY_FAMILIES)})")
 
+# %% ../nbs/00_anatomy.ipynb #3582b90e
 def tiny_model(name:str, # a family in TINY_FAMILIES
                seed:int=0, # seed of the random initialisation
                **kw # passed to `tiny_config`
@@ -422,6 +444,7 @@ def _resolve(root:nn.Module, path:str) -> nn.Module|None:
         if m is None: return None
     return m
 
+# %% ../nbs/00_anatomy.ipynb #911378ce
 def decoder_for(family, # a Family (or anything `get_family` takes)
                 config=None # the model's config; needed where the family's decoder depends on it (LLaVA, Idefics3, InternVL)
                ) -> Decoder:
@@ -441,6 +464,7 @@ def decoder_for(family, # a Family (or anything `get_family` takes)
     if config is None: raise ValueError(f"family {fam.name!r} takes its decoder from the config: pass config=")
     raise _unknown(f"text model_type={mt!r} inside a {fam.name!r} model (no decoder layout for it)")
 
+# %% ../nbs/00_anatomy.ipynb #672ee395
 @dataclass
 class GroupRef:
     "Where one group of one layer lives in a loaded model."
@@ -456,6 +480,7 @@ class GroupRef:
         b = self.module.bias
         return b if b is None or self.rows is None else b[self.rows]
 
+# %% ../nbs/00_anatomy.ipynb #5d2d39fa
 class ModelAnatomy:
     "The anatomy table resolved against a loaded model."
     def __init__(self, model:nn.Module, # a loaded model (transformers class or remote code)
@@ -486,28 +511,9 @@ class ModelAnatomy:
         if not -self.n_layers <= layer < self.n_layers: raise IndexError(f"layer {layer} out of range: the model has {self.n_layers}")
         return layer % self.n_layers
 
-    def module_name(self, layer:int, # decoder layer index
-                    group:str # one of GROUPS (or a FUSED name)
-                   ) -> str:
-        "Dotted name (as in `named_modules()`) of the module holding `group` in `layer`."
-        return _join(self.layout.body, self.decoder.layers, str(self._check(layer)), self.decoder.locate(group)[0])
-
-    def ref(self, layer:int, group:str) -> GroupRef:
-        "A `GroupRef`: the module holding `group` in `layer` and the rows that are the group."
-        path, fused = self.decoder.locate(group)
-        mod = _resolve(self.layers[self._check(layer)], path)
-        if not isinstance(mod, nn.Linear): raise ValueError(f"{self.module_name(layer, group)} is {type(mod).__name__}, not nn.Linear")
-        rows = fused_rows(fused, group, self.geometry) if fused and group not in FUSED else None
-        return GroupRef(self.module_name(layer, group), mod, rows, fused)
-
     def module(self, layer:int, group:str) -> nn.Linear:
         "The `nn.Linear` holding `group` in `layer` (the fused one for fused families: see `rows`)."
         return self.ref(layer, group).module
-
-    def rows(self, group:str) -> slice|torch.Tensor|None:
-        "Rows of `module(layer, group).weight` that are `group`; None when the module is the group's own."
-        path, fused = self.decoder.locate(group)
-        return fused_rows(fused, group, self.geometry) if fused and group not in FUSED else None
 
     def weight(self, layer:int, group:str) -> torch.Tensor:
         "The weight of `group` in `layer`, [out, in] (rows of the fused weight where fused)."
@@ -517,17 +523,46 @@ class ModelAnatomy:
         "(layer, nn.Linear) for every decoder layer."
         for i in range(self.n_layers): yield i, self.module(i, group)
 
-    def norm(self, layer:int, name:str # one of the decoder's norms (NORMS)
-            ) -> nn.Module:
-        "A per-layer norm module."
-        if name not in self.decoder.norms: raise KeyError(f"decoder {self.decoder.name!r} has no norm {name!r}; it has {list(self.decoder.norms)}")
-        return _resolve(self.layers[self._check(layer)], self.decoder.norms[name])
+# %% ../nbs/00_anatomy.ipynb #c4928fde
+@patch
+def module_name(self:ModelAnatomy, layer:int, # decoder layer index
+                group:str # one of GROUPS (or a FUSED name)
+               ) -> str:
+    "Dotted name (as in `named_modules()`) of the module holding `group` in `layer`."
+    return _join(self.layout.body, self.decoder.layers, str(self._check(layer)), self.decoder.locate(group)[0])
 
-    def __repr__(self):
-        g = self.geometry
-        return (f"ModelAnatomy({self.family.name}, decoder={self.decoder.name}, layers={self.n_layers} at "
-                f"{_join(self.layout.body, self.decoder.layers)!r}, heads={g.n_heads}/{g.n_kv_heads}x{g.head_dim}, "
-                f"vision={'yes' if self.vision is not None else 'no'}, projector={'yes' if self.projector is not None else 'no'})")
+# %% ../nbs/00_anatomy.ipynb #ed01686f
+@patch
+def ref(self:ModelAnatomy, layer:int, group:str) -> GroupRef:
+    "A `GroupRef`: the module holding `group` in `layer` and the rows that are the group."
+    path, fused = self.decoder.locate(group)
+    mod = _resolve(self.layers[self._check(layer)], path)
+    if not isinstance(mod, nn.Linear): raise ValueError(f"{self.module_name(layer, group)} is {type(mod).__name__}, not nn.Linear")
+    rows = fused_rows(fused, group, self.geometry) if fused and group not in FUSED else None
+    return GroupRef(self.module_name(layer, group), mod, rows, fused)
+
+# %% ../nbs/00_anatomy.ipynb #ba16cfd7
+@patch
+def rows(self:ModelAnatomy, group:str) -> slice|torch.Tensor|None:
+    "Rows of `module(layer, group).weight` that are `group`; None when the module is the group's own."
+    path, fused = self.decoder.locate(group)
+    return fused_rows(fused, group, self.geometry) if fused and group not in FUSED else None
+
+# %% ../nbs/00_anatomy.ipynb #0a7b6fe5
+@patch
+def norm(self:ModelAnatomy, layer:int, name:str # one of the decoder's norms (NORMS)
+        ) -> nn.Module:
+    "A per-layer norm module."
+    if name not in self.decoder.norms: raise KeyError(f"decoder {self.decoder.name!r} has no norm {name!r}; it has {list(self.decoder.norms)}")
+    return _resolve(self.layers[self._check(layer)], self.decoder.norms[name])
+
+# %% ../nbs/00_anatomy.ipynb #9d46069c
+@patch
+def __repr__(self:ModelAnatomy):
+    g = self.geometry
+    return (f"ModelAnatomy({self.family.name}, decoder={self.decoder.name}, layers={self.n_layers} at "
+            f"{_join(self.layout.body, self.decoder.layers)!r}, heads={g.n_heads}/{g.n_kv_heads}x{g.head_dim}, "
+            f"vision={'yes' if self.vision is not None else 'no'}, projector={'yes' if self.projector is not None else 'no'})")
 
 # %% ../nbs/00_anatomy.ipynb #f9f67491
 @dataclass(frozen=True)
@@ -542,6 +577,7 @@ class KeyInfo:
     family: str|None = None  # the family whose layout matched
     rest: str = ''         # for 'lm_layer': the path inside the layer, e.g. 'self_attn.q_proj.weight'
 
+# %% ../nbs/00_anatomy.ipynb #a63fdc37
 _LAYER_PARTS: dict[str, tuple[str, str]] = {}   # path inside a layer -> ('group'|'norm', canonical name), all decoders
 _EMBEDS, _FINAL_NORMS, _HEADS = set(), set(), set()
 _PARTS_OF: list = [None]                          # which DECODERS the parts above were built from
@@ -556,14 +592,17 @@ def _refresh_parts():
         for nm, p in d.norms.items(): _LAYER_PARTS[p] = ('norm', nm)
         _EMBEDS.add(d.embed); _FINAL_NORMS.add(d.final_norm); _HEADS.add(d.lm_head)
 
+# %% ../nbs/00_anatomy.ipynb #9e38ae96
 def _under(key:str, prefix:str) -> str|None:
     "The rest of `key` after `prefix.`; '' when key == prefix; None when not under it."
     if key == prefix: return ''
     return key[len(prefix) + 1:] if key.startswith(prefix + '.') else None
 
+# %% ../nbs/00_anatomy.ipynb #5dd36169
 def _split_suffix(path:str) -> tuple[str, str]:
     return tuple(path.rsplit('.', 1)) if '.' in path else (path, '')
 
+# %% ../nbs/00_anatomy.ipynb #e1d5fe2d
 _LAYER_RE = re.compile(r'^layers\.(\d+)\.(.+)$')
 
 def _parse_in(key:str, fam:Family, lay:KeyLayout) -> tuple[int, KeyInfo]|None:
@@ -600,6 +639,7 @@ def _parse_in(key:str, fam:Family, lay:KeyLayout) -> tuple[int, KeyInfo]|None:
                 offer(len(p), KeyInfo(comp, None, None, name, sfx, lay.tag, fam.name))
     return best
 
+# %% ../nbs/00_anatomy.ipynb #6f4a66ba
 def parse_key(key:str, # a checkpoint (state_dict) key
               family=None # a Family or name to restrict the layouts tried; None: all families
              ) -> KeyInfo:
@@ -625,6 +665,7 @@ def canonical_key(key:str, # a checkpoint key
     if i.component in ('embed', 'lm_head', 'final_norm'): return i.component + sfx
     return None
 
+# %% ../nbs/00_anatomy.ipynb #d2792f87
 _CANON_RE = re.compile(r'^layers\.(\d+)\.([A-Za-z0-9_]+)(?:\.(.+))?$')
 
 def key_for(canonical:str, # a canonical name, e.g. 'layers.3.attn_q.weight'
@@ -663,6 +704,7 @@ def _canon_map(keys:Iterable[str], family, side:str) -> dict[str, str]:
         out[c] = k
     return out
 
+# %% ../nbs/00_anatomy.ipynb #52aaeb3e
 @dataclass
 class KeyMatch:
     "The result of matching two key lists through canonical names."
@@ -672,6 +714,7 @@ class KeyMatch:
     ignored_a: list    # keys of a with no canonical name (vision, projector, other)
     ignored_b: list    # keys of b with no canonical name
 
+# %% ../nbs/00_anatomy.ipynb #869e6133
 def match_report(a_keys:Iterable[str], # keys of one checkpoint (e.g. a VLM)
                  b_keys:Iterable[str], # keys of the other (e.g. a text LLM)
                  a_family=None, # family of a (None: any)
@@ -684,6 +727,7 @@ def match_report(a_keys:Iterable[str], # keys of one checkpoint (e.g. a VLM)
     return KeyMatch(pairs, [ca[c] for c in ca if c not in cb], [cb[c] for c in cb if c not in ca],
                     [k for k in a_keys if k not in set(ca.values())], [k for k in b_keys if k not in set(cb.values())])
 
+# %% ../nbs/00_anatomy.ipynb #9e61ac66
 def match_keys(vlm_keys:Iterable[str], # keys of the VLM checkpoint (any layout)
                llm_keys:Iterable[str], # keys of the text LLM checkpoint
                vlm_family=None, # family of the VLM (None: any)
@@ -736,6 +780,7 @@ def list_checkpoint_keys(path, # a save_pretrained folder (or one .safetensors f
             for k, v in sd.items(): out[k] = tuple(v.shape) if with_shapes else None
     return out if with_shapes else list(out)
 
+# %% ../nbs/00_anatomy.ipynb #9420a4f6
 def _hub_keys(repo_id:str) -> tuple[dict, dict]:
     "config dict and {key: shape} of a Hub repo, from config.json and the safetensors headers only."
     if not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', repo_id) or repo_id.startswith(('.', '/')):
@@ -749,6 +794,7 @@ def _hub_keys(repo_id:str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{repo_id!r} is not a local folder, and reading it from the Hub failed: {type(e).__name__}: {e}") from None
     return cfg, shapes
 
+# %% ../nbs/00_anatomy.ipynb #4f05a3ee
 def guess_family(keys:Iterable[str]) -> Family|None:
     "The family whose layouts explain most of these keys (for checkpoints without a config.json)."
     keys, best = list(keys), (0, None)
@@ -757,6 +803,7 @@ def guess_family(keys:Iterable[str]) -> Family|None:
         if n > best[0]: best = (n, f)
     return best[1]
 
+# %% ../nbs/00_anatomy.ipynb #9b35969c
 def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
                        limit:int=24 # how many sample keys
                       ) -> dict:
@@ -801,6 +848,7 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
                              layer=infos[k].layer, group=infos[k].group, canonical=canonical_key(infos[k]))
                         for k in sample])
 
+# %% ../nbs/00_anatomy.ipynb #1451ddb9
 def inspect_cli(argv:list|None=None # arguments after `vlm-merge inspect`
                ) -> int:
     "`vlm-merge inspect PATH [--json] [--limit N]`: a checkpoint's family, head geometry, layers and parsed keys."

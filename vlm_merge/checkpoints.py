@@ -13,13 +13,15 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'OUTPUT_MARKER', 'AUX_FILES', 'CheckpointError', 'MissingTensorError', 'parse_size',
-           'to_dtype', 'zoo_model_path', 'resolve_model_path', 'read_safetensors_header', 'save_safetensors',
-           'CheckpointReader', 'remote_code_files', 'stale_temporaries', 'ShardedWriter', 'reshard', 'rss_bytes']
+           'to_dtype', 'zoo_model_path', 'resolve_model_path', 'is_hub_ref', 'shown_ref', 'read_safetensors_header',
+           'save_safetensors', 'patch', 'CheckpointReader', 'remote_code_files', 'stale_temporaries', 'ShardedWriter',
+           'reshard', 'rss_bytes']
 
 # %% ../nbs/01_checkpoints.ipynb #52abef42
 class CheckpointError(ValueError):
     "A checkpoint that cannot be read or written as asked; the message names the file and the tensor."
 
+# %% ../nbs/01_checkpoints.ipynb #b66b8629
 class MissingTensorError(CheckpointError, KeyError):
     "A tensor name that is not in the checkpoint (a `KeyError` and a `CheckpointError`)."
     def __str__(self): return str(self.args[0]) if self.args else ''
@@ -67,6 +69,7 @@ def _zoo_names() -> list:
         return list(zoo_manifest()['models'])
     except Exception: return []
 
+# %% ../nbs/01_checkpoints.ipynb #b24652bd
 def zoo_model_path(name:str # 'NAME' or 'zoo:NAME', NAME a model of the zoo (`vlm-merge zoo info`)
                   ) -> Path|None:
     "The folder of zoo model `name`, or None when `name` names no zoo model ('zoo:' with an unknown name is an error)."
@@ -87,9 +90,11 @@ def _inside(p:Path, root:Path) -> bool:
     "Whether `p`, links resolved, is `root` or lies under it (`root` already resolved)."
     p = Path(p).resolve(); return p == root or root in p.parents
 
+# %% ../nbs/01_checkpoints.ipynb #b8c0fdc2
 def _looks_local(s:str) -> bool:
     return s.startswith(('/', '.', '~', '\\')) or s.count('/') > 1 or ':' in s[:3] or s.endswith(('.safetensors', '.bin', '.json'))
 
+# %% ../nbs/01_checkpoints.ipynb #04e56bef
 def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or a Hub id such as 'Qwen/Qwen2.5-VL-7B-Instruct'
                        revision:str|None=None, # Hub branch, tag or commit (Hub ids only)
                        allow_patterns:list[str]|None=None, # files to fetch from the Hub; default `HUB_PATTERNS`
@@ -118,11 +123,31 @@ def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or 
     if allow_bin and allow_patterns is None and not any(path.glob('*.safetensors')): path = _get(BIN_PATTERNS)
     return path
 
+# %% ../nbs/01_checkpoints.ipynb #b87c929c
+def _local_ref(s:str) -> bool:
+    "Whether model reference `s` names something on this machine: a path (existing or path-like) or a zoo model."
+    return s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists() or s in _zoo_names()
+
+# %% ../nbs/01_checkpoints.ipynb #baa63eed
+def is_hub_ref(x:str # a model reference: a folder, a zoo name, or a Hub id
+              ) -> bool:
+    "Whether model reference `x` names a Hub repo: not a local path (existing or path-like) and not a zoo model."
+    s = str(x)
+    if _local_ref(s): return False
+    return re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', s) is not None
+
+# %% ../nbs/01_checkpoints.ipynb #3caa0e85
+def shown_ref(x:str # a model reference
+             ) -> str:
+    "How a card names model reference `x`: a Hub id as it is, a local folder by its name only (no machine paths)."
+    return str(x) if is_hub_ref(x) else Path(str(x).rstrip('/')).name
+
 # %% ../nbs/01_checkpoints.ipynb #63cbf01c
 _MAX_HEADER = 100_000_000   # the limit safetensors itself enforces
 
 def _itemsize(dt:torch.dtype) -> int: return torch.empty((), dtype=dt).element_size()
 
+# %% ../nbs/01_checkpoints.ipynb #08e3d8c4
 def read_safetensors_header(path:str|os.PathLike # a .safetensors file
                            ) -> tuple[dict, dict]:
     "`({name: (dtype, shape)}, metadata)` of a safetensors file, checked against the file's size."
@@ -187,14 +212,26 @@ def save_safetensors(tensors:dict[str, torch.Tensor], # name -> contiguous CPU t
             if t.nbytes: f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
     return off
 
+# %% ../nbs/01_checkpoints.ipynb #b057d26a
+def patch(f=None, *, as_prop:bool=False, cls_method:bool=False):
+    "Add `f` to the class its first parameter is annotated with (fastcore's `@patch`): a property when `as_prop`, a classmethod when `cls_method`."
+    if f is None: return lambda g: patch(g, as_prop=as_prop, cls_method=cls_method)
+    cls = f.__annotations__[f.__code__.co_varnames[0]]
+    if isinstance(cls, str): cls = eval(cls, f.__globals__)
+    f.__qualname__ = f'{cls.__name__}.{f.__name__}'
+    setattr(cls, f.__name__, property(f) if as_prop else classmethod(f) if cls_method else f)
+    return f
+
 # %% ../nbs/01_checkpoints.ipynb #7302d693
 def _read_json(path:Path) -> dict:
     try: return json.loads(path.read_text(encoding='utf-8'))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise CheckpointError(f'{path}: cannot read JSON: {e}') from None
 
+# %% ../nbs/01_checkpoints.ipynb #e86158c5
 def _dtypes(x) -> tuple:
     return (to_dtype(x),) if isinstance(x, (torch.dtype, str)) else tuple(to_dtype(d) for d in x)
 
+# %% ../nbs/01_checkpoints.ipynb #1f6c851a
 class CheckpointReader:
     "Lazy, memory-mapped access by name to the tensors of a checkpoint folder, a safetensors file, or a Hub id."
     def __init__(self, path_or_id:str|os.PathLike, # folder, .safetensors file, index JSON, or Hub id
@@ -206,93 +243,13 @@ class CheckpointReader:
         self.source, self.allow_bin, self.mmap = str(path_or_id), allow_bin, mmap
         p = resolve_model_path(path_or_id, revision=revision, allow_bin=allow_bin, local_files_only=local_files_only)
         self.path = p if p.is_dir() else p.parent
-        self._handles, self._bins = {}, {}
+        self._handles, self._bins, self._preads = {}, {}, {}   # safe_open handles; .bin state dicts; pread (fd, data start, header)
         self.index_file, self.format, files = self._find(p)
         self._where, self._info = {}, {}      # key -> file; key -> (dtype, shape)
         if self.format == 'safetensors': self._scan_safetensors(files)
         else: self._scan_bin(files)
         cfg = self.path/'config.json'
         self.config = _read_json(cfg) if cfg.exists() else {}
-
-    def _find(self, p:Path):
-        if p.is_file():
-            if p.name.endswith('.safetensors'): return None, 'safetensors', [p]
-            if p.name.endswith('.safetensors.index.json'): return p, 'safetensors', None
-            if p.name.endswith('.bin.index.json'): return self._bin_or_fail(p, p, None)
-            if p.suffix == '.bin': return self._bin_or_fail(p, None, [p])
-            raise CheckpointError(f'{p}: not a checkpoint file (expected .safetensors, .safetensors.index.json or .bin)')
-        idx = [p/'model.safetensors.index.json'] if (p/'model.safetensors.index.json').exists() else sorted(p.glob('*.safetensors.index.json'))
-        if len(idx) > 1: raise CheckpointError(f'{p}: several safetensors indexes ({", ".join(i.name for i in idx)}); pass the one to read')
-        if idx: return idx[0], 'safetensors', None
-        if (p/'model.safetensors').exists(): return None, 'safetensors', [p/'model.safetensors']
-        st = sorted(p.glob('*.safetensors'))
-        if st: return None, 'safetensors', st
-        if (p/'pytorch_model.bin.index.json').exists(): return self._bin_or_fail(p, p/'pytorch_model.bin.index.json', None)
-        if (p/'pytorch_model.bin').exists(): return self._bin_or_fail(p, None, [p/'pytorch_model.bin'])
-        raise CheckpointError(f'{p}: no weights found (model.safetensors.index.json, model.safetensors, *.safetensors'
-                              + (', pytorch_model.bin[.index.json]' if self.allow_bin else '') + ')')
-
-    def _bin_or_fail(self, p, idx, files):
-        if not self.allow_bin:
-            raise CheckpointError(f'{idx or files[0]}: only legacy .bin (pickle) weights here; pass allow_bin=True to load them '
-                                  'with torch.load(weights_only=True), or convert them to safetensors once with `reshard`')
-        return idx, 'bin', files
-
-    def _index_map(self) -> dict:
-        idx = _read_json(self.index_file)
-        wm = idx.get('weight_map') if isinstance(idx, dict) else None
-        if not isinstance(wm, dict) or not wm: raise CheckpointError(f"{self.index_file}: no 'weight_map' in the index")
-        root = self.index_file.parent.resolve()
-        out = {}
-        for k, v in wm.items():
-            f = self.index_file.parent/v if isinstance(v, str) else None
-            if f is None or Path(v).is_absolute() or '..' in Path(v).parts or not _inside(f, root):
-                raise CheckpointError(f"{self.index_file}: tensor '{k}' is mapped to {v!r}, outside the model folder; "
-                                      'an index may name only shard files inside its own folder')
-            out[k] = f
-        missing = {}
-        for k, f in out.items():
-            if not f.exists(): missing.setdefault(f, []).append(k)
-        if missing:
-            f, ks = next(iter(missing.items()))
-            raise CheckpointError(f"{f}: shard listed in {self.index_file.name} is missing (it should hold {len(ks)} tensors, "
-                                  f"e.g. '{ks[0]}')" + (f'; {len(missing) - 1} more shards missing' if len(missing) > 1 else ''))
-        return out
-
-    def _scan_safetensors(self, files):
-        if self.index_file is not None:
-            self._where = self._index_map()
-            files = list(dict.fromkeys(self._where.values()))
-        for f in files:
-            try: infos, _ = read_safetensors_header(f)
-            except CheckpointError as e:
-                held = [k for k, g in self._where.items() if g == f][:3]
-                raise CheckpointError(f'{e}' + (f" (it should hold tensors {', '.join(repr(k) for k in held)})" if held else '')) from None
-            if self.index_file is None:
-                for k in infos:
-                    if k in self._where: raise CheckpointError(f"{f}: tensor '{k}' is also in {self._where[k]}; which one to read is ambiguous")
-                    self._where[k] = f
-            self._info.update({k: v for k, v in infos.items() if self._where.get(k) == f})
-        absent = [k for k in self._where if k not in self._info]
-        if absent:
-            f = self._where[absent[0]]
-            raise CheckpointError(f"{f}: tensor '{absent[0]}' is listed in {self.index_file.name} but not in this shard"
-                                  + (f' ({len(absent) - 1} more missing)' if len(absent) > 1 else ''))
-
-    def _scan_bin(self, files):
-        if self.index_file is not None: self._where = self._index_map()
-        else:
-            for f in files:
-                for k in self._load_bin(f): self._where.setdefault(k, f)
-
-    def _load_bin(self, f:Path) -> dict:
-        if f not in self._bins:
-            try: sd = torch.load(f, map_location='cpu', weights_only=True, mmap=True)
-            except RuntimeError: sd = torch.load(f, map_location='cpu', weights_only=True)   # legacy non-zip format cannot be mmapped
-            except Exception as e: raise CheckpointError(f'{f}: cannot load with torch.load(weights_only=True): {e}') from None
-            if not isinstance(sd, dict): raise CheckpointError(f'{f}: not a state dict')
-            self._bins[f] = sd
-        return self._bins[f]
 
     # -- queries ------------------------------------------------------------------------------
     def keys(self) -> list[str]: return list(self._where)
@@ -303,85 +260,192 @@ class CheckpointReader:
     def files(self) -> list[Path]: return list(dict.fromkeys(self._where.values()))
     def __repr__(self): return f'{type(self).__name__}({str(self.path)!r}: {len(self)} tensors in {len(self.files)} {self.format} files)'
 
-    def file_of(self, key:str) -> Path:
-        "The file that holds `key`."
-        if key not in self._where:
-            near = difflib.get_close_matches(key, self._where, n=3, cutoff=0.6)
-            where = self.index_file or (self.files[0] if len(self.files) == 1 else self.path)
-            raise MissingTensorError(f"{where}: no tensor '{key}' in this checkpoint ({len(self)} tensors)"
-                                     + (f'; close names: {", ".join(near)}' if near else ''))
-        return self._where[key]
-
-    def _meta(self, key):
-        f = self.file_of(key)
-        if key not in self._info:   # .bin: dtype and shape come from the (memory-mapped) state dict
-            sd = self._load_bin(f)
-            if key not in sd: raise CheckpointError(f"{f}: tensor '{key}' is listed in {self.index_file.name} but not in this shard")
-            self._info[key] = (sd[key].dtype, tuple(sd[key].shape))
-        return self._info[key]
-
     def shape(self, key:str) -> torch.Size: return torch.Size(self._meta(key)[1])
     def dtype(self, key:str) -> torch.dtype: return self._meta(key)[0]
     def nbytes(self, key:str) -> int: dt, sh = self._meta(key); return math.prod(sh) * _itemsize(dt)
     @property
     def total_size(self) -> int: return sum(self.nbytes(k) for k in self)
 
-    @property
-    def tie_word_embeddings(self) -> bool:
-        "Whether config.json ties lm_head to the input embeddings (top level or `text_config`)."
-        c = self.config
-        return bool(c.get('tie_word_embeddings', (c.get('text_config') or {}).get('tie_word_embeddings', False)))
-
-    # -- reading ------------------------------------------------------------------------------
-    def _handle(self, f:Path):
-        "(safe_open handle, whether tensors from it must be copied), opened once per file."
-        if f not in self._handles:
-            try:
-                if self.mmap: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu'), False)
-                else:
-                    try: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu', backend='pread'), False)
-                    except TypeError: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu'), True)  # safetensors < 0.8
-            except Exception as e: raise CheckpointError(f'{f}: cannot open: {e}') from None
-        return self._handles[f]
-
-    def get(self, key:str, # tensor name as stored
-            dtype:torch.dtype|str|None=None, # cast to this dtype (None: as stored)
-            device:str|torch.device='cpu', # where to put the tensor
-            expect_dtype:torch.dtype|str|Iterable|None=None, # refuse a tensor not stored in this dtype (or one of these)
-           ) -> torch.Tensor:
-        "Tensor `key`, read from its shard alone; a clear error names the file and the tensor."
-        f, have = self.file_of(key), self.dtype(key)
-        if expect_dtype is not None and have not in _dtypes(expect_dtype):
-            raise CheckpointError(f"{f}: tensor '{key}' is stored as {have}, expected {' or '.join(map(str, _dtypes(expect_dtype)))}")
-        if self.format == 'safetensors':
-            h, copy = self._handle(f)
-            try: t = h.get_tensor(key)
-            except Exception as e: raise CheckpointError(f"{f}: cannot read tensor '{key}': {e}") from None
-            if copy: t = t.clone()
-        else: t = self._load_bin(f)[key].clone()
-        dtype = to_dtype(dtype)
-        if (dtype is not None and dtype != t.dtype) or torch.device(device) != t.device: t = t.to(device=device, dtype=dtype)
-        return t
-
-    def iter_tensors(self, keys:Iterable[str]|None=None, # tensors to read (default: all), read shard by shard
-                     dtype:torch.dtype|str|None=None, device:str|torch.device='cpu', progress:bool=False) -> Iterator[tuple[str, torch.Tensor]]:
-        "Yield `(key, tensor)` one at a time, grouped by file; a shard's memory map is dropped once it is done."
-        keys = list(self.keys() if keys is None else keys)
-        order = {f: i for i, f in enumerate(self.files)}
-        keys.sort(key=lambda k: order.get(self.file_of(k), -1))
-        prev = None
-        for k in tqdm(keys, desc=f'reading {self.path.name}', disable=not progress, unit='tensor'):
-            f = self.file_of(k)
-            if prev is not None and f != prev: self._handles.pop(prev, None); self._bins.pop(prev, None)
-            prev = f
-            yield k, self.get(k, dtype=dtype, device=device)
-        if prev is not None: self._handles.pop(prev, None); self._bins.pop(prev, None)
-
-    def close(self):
-        "Drop the open file handles and memory maps."
-        self._handles.clear(); self._bins.clear()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close(); return False
+
+# %% ../nbs/01_checkpoints.ipynb #836324e2
+@patch
+def _find(self:CheckpointReader, p:Path):
+    if p.is_file():
+        if p.name.endswith('.safetensors'): return None, 'safetensors', [p]
+        if p.name.endswith('.safetensors.index.json'): return p, 'safetensors', None
+        if p.name.endswith('.bin.index.json'): return self._bin_or_fail(p, p, None)
+        if p.suffix == '.bin': return self._bin_or_fail(p, None, [p])
+        raise CheckpointError(f'{p}: not a checkpoint file (expected .safetensors, .safetensors.index.json or .bin)')
+    idx = [p/'model.safetensors.index.json'] if (p/'model.safetensors.index.json').exists() else sorted(p.glob('*.safetensors.index.json'))
+    if len(idx) > 1: raise CheckpointError(f'{p}: several safetensors indexes ({", ".join(i.name for i in idx)}); pass the one to read')
+    if idx: return idx[0], 'safetensors', None
+    if (p/'model.safetensors').exists(): return None, 'safetensors', [p/'model.safetensors']
+    st = sorted(p.glob('*.safetensors'))
+    if st: return None, 'safetensors', st
+    if (p/'pytorch_model.bin.index.json').exists(): return self._bin_or_fail(p, p/'pytorch_model.bin.index.json', None)
+    if (p/'pytorch_model.bin').exists(): return self._bin_or_fail(p, None, [p/'pytorch_model.bin'])
+    raise CheckpointError(f'{p}: no weights found (model.safetensors.index.json, model.safetensors, *.safetensors'
+                          + (', pytorch_model.bin[.index.json]' if self.allow_bin else '') + ')')
+
+# %% ../nbs/01_checkpoints.ipynb #28e5a195
+@patch
+def _bin_or_fail(self:CheckpointReader, p, idx, files):
+    if not self.allow_bin:
+        raise CheckpointError(f'{idx or files[0]}: only legacy .bin (pickle) weights here; pass allow_bin=True to load them '
+                              'with torch.load(weights_only=True), or convert them to safetensors once with `reshard`')
+    return idx, 'bin', files
+
+# %% ../nbs/01_checkpoints.ipynb #ad66423c
+@patch
+def _index_map(self:CheckpointReader) -> dict:
+    idx = _read_json(self.index_file)
+    wm = idx.get('weight_map') if isinstance(idx, dict) else None
+    if not isinstance(wm, dict) or not wm: raise CheckpointError(f"{self.index_file}: no 'weight_map' in the index")
+    root = self.index_file.parent.resolve()
+    out = {}
+    for k, v in wm.items():
+        f = self.index_file.parent/v if isinstance(v, str) else None
+        if f is None or Path(v).is_absolute() or '..' in Path(v).parts or not _inside(f, root):
+            raise CheckpointError(f"{self.index_file}: tensor '{k}' is mapped to {v!r}, outside the model folder; "
+                                  'an index may name only shard files inside its own folder')
+        out[k] = f
+    missing = {}
+    for k, f in out.items():
+        if not f.exists(): missing.setdefault(f, []).append(k)
+    if missing:
+        f, ks = next(iter(missing.items()))
+        raise CheckpointError(f"{f}: shard listed in {self.index_file.name} is missing (it should hold {len(ks)} tensors, "
+                              f"e.g. '{ks[0]}')" + (f'; {len(missing) - 1} more shards missing' if len(missing) > 1 else ''))
+    return out
+
+# %% ../nbs/01_checkpoints.ipynb #31404403
+@patch
+def _scan_safetensors(self:CheckpointReader, files):
+    if self.index_file is not None:
+        self._where = self._index_map()
+        files = list(dict.fromkeys(self._where.values()))
+    for f in files:
+        try: infos, _ = read_safetensors_header(f)
+        except CheckpointError as e:
+            held = [k for k, g in self._where.items() if g == f][:3]
+            raise CheckpointError(f'{e}' + (f" (it should hold tensors {', '.join(repr(k) for k in held)})" if held else '')) from None
+        if self.index_file is None:
+            for k in infos:
+                if k in self._where: raise CheckpointError(f"{f}: tensor '{k}' is also in {self._where[k]}; which one to read is ambiguous")
+                self._where[k] = f
+        self._info.update({k: v for k, v in infos.items() if self._where.get(k) == f})
+    absent = [k for k in self._where if k not in self._info]
+    if absent:
+        f = self._where[absent[0]]
+        raise CheckpointError(f"{f}: tensor '{absent[0]}' is listed in {self.index_file.name} but not in this shard"
+                              + (f' ({len(absent) - 1} more missing)' if len(absent) > 1 else ''))
+
+# %% ../nbs/01_checkpoints.ipynb #10d5e6ae
+@patch
+def _scan_bin(self:CheckpointReader, files):
+    if self.index_file is not None: self._where = self._index_map()
+    else:
+        for f in files:
+            for k in self._load_bin(f): self._where.setdefault(k, f)
+
+# %% ../nbs/01_checkpoints.ipynb #a429b9f8
+@patch
+def _load_bin(self:CheckpointReader, f:Path) -> dict:
+    if f not in self._bins:
+        try: sd = torch.load(f, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError: sd = torch.load(f, map_location='cpu', weights_only=True)   # legacy non-zip format cannot be mmapped
+        except Exception as e: raise CheckpointError(f'{f}: cannot load with torch.load(weights_only=True): {e}') from None
+        if not isinstance(sd, dict): raise CheckpointError(f'{f}: not a state dict')
+        self._bins[f] = sd
+    return self._bins[f]
+
+# %% ../nbs/01_checkpoints.ipynb #472cb5b4
+@patch
+def file_of(self:CheckpointReader, key:str) -> Path:
+    "The file that holds `key`."
+    if key not in self._where:
+        near = difflib.get_close_matches(key, self._where, n=3, cutoff=0.6)
+        where = self.index_file or (self.files[0] if len(self.files) == 1 else self.path)
+        raise MissingTensorError(f"{where}: no tensor '{key}' in this checkpoint ({len(self)} tensors)"
+                                 + (f'; close names: {", ".join(near)}' if near else ''))
+    return self._where[key]
+
+# %% ../nbs/01_checkpoints.ipynb #be434914
+@patch
+def _meta(self:CheckpointReader, key):
+    f = self.file_of(key)
+    if key not in self._info:   # .bin: dtype and shape come from the (memory-mapped) state dict
+        sd = self._load_bin(f)
+        if key not in sd: raise CheckpointError(f"{f}: tensor '{key}' is listed in {self.index_file.name} but not in this shard")
+        self._info[key] = (sd[key].dtype, tuple(sd[key].shape))
+    return self._info[key]
+
+# %% ../nbs/01_checkpoints.ipynb #73ab67f3
+@patch(as_prop=True)
+def tie_word_embeddings(self:CheckpointReader) -> bool:
+    "Whether config.json ties lm_head to the input embeddings (top level or `text_config`)."
+    c = self.config
+    return bool(c.get('tie_word_embeddings', (c.get('text_config') or {}).get('tie_word_embeddings', False)))
+
+# %% ../nbs/01_checkpoints.ipynb #3c913635
+# -- reading ------------------------------------------------------------------------------
+@patch
+def _handle(self:CheckpointReader, f:Path):
+    "(safe_open handle, whether tensors from it must be copied), opened once per file."
+    if f not in self._handles:
+        try:
+            if self.mmap: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu'), False)
+            else:
+                try: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu', backend='pread'), False)
+                except TypeError: self._handles[f] = (safe_open(str(f), framework='pt', device='cpu'), True)  # safetensors < 0.8
+        except Exception as e: raise CheckpointError(f'{f}: cannot open: {e}') from None
+    return self._handles[f]
+
+# %% ../nbs/01_checkpoints.ipynb #afd79770
+@patch
+def get(self:CheckpointReader, key:str, # tensor name as stored
+        dtype:torch.dtype|str|None=None, # cast to this dtype (None: as stored)
+        device:str|torch.device='cpu', # where to put the tensor
+        expect_dtype:torch.dtype|str|Iterable|None=None, # refuse a tensor not stored in this dtype (or one of these)
+       ) -> torch.Tensor:
+    "Tensor `key`, read from its shard alone; a clear error names the file and the tensor."
+    f, have = self.file_of(key), self.dtype(key)
+    if expect_dtype is not None and have not in _dtypes(expect_dtype):
+        raise CheckpointError(f"{f}: tensor '{key}' is stored as {have}, expected {' or '.join(map(str, _dtypes(expect_dtype)))}")
+    if self.format == 'safetensors':
+        h, copy = self._handle(f)
+        try: t = h.get_tensor(key)
+        except Exception as e: raise CheckpointError(f"{f}: cannot read tensor '{key}': {e}") from None
+        if copy: t = t.clone()
+    else: t = self._load_bin(f)[key].clone()
+    dtype = to_dtype(dtype)
+    if (dtype is not None and dtype != t.dtype) or torch.device(device) != t.device: t = t.to(device=device, dtype=dtype)
+    return t
+
+# %% ../nbs/01_checkpoints.ipynb #fee34393
+@patch
+def iter_tensors(self:CheckpointReader, keys:Iterable[str]|None=None, # tensors to read (default: all), read shard by shard
+                 dtype:torch.dtype|str|None=None, device:str|torch.device='cpu', progress:bool=False) -> Iterator[tuple[str, torch.Tensor]]:
+    "Yield `(key, tensor)` one at a time, grouped by file; a shard's memory map is dropped once it is done."
+    keys = list(self.keys() if keys is None else keys)
+    order = {f: i for i, f in enumerate(self.files)}
+    keys.sort(key=lambda k: order.get(self.file_of(k), -1))
+    prev = None
+    for k in tqdm(keys, desc=f'reading {self.path.name}', disable=not progress, unit='tensor'):
+        f = self.file_of(k)
+        if prev is not None and f != prev: self._handles.pop(prev, None); self._bins.pop(prev, None)
+        prev = f
+        yield k, self.get(k, dtype=dtype, device=device)
+    if prev is not None: self._handles.pop(prev, None); self._bins.pop(prev, None)
+
+# %% ../nbs/01_checkpoints.ipynb #7420c6d8
+@patch
+def close(self:CheckpointReader):
+    "Drop the open file handles and memory maps."
+    for fd, _, _ in self._preads.values(): os.close(fd)
+    self._handles.clear(); self._bins.clear(); self._preads.clear()
 
 # %% ../nbs/01_checkpoints.ipynb #47ff4ea1
 _AUTO_MAP_FILES = ('config.json', 'tokenizer_config.json', 'processor_config.json', 'preprocessor_config.json', 'image_processor_config.json')
@@ -420,6 +484,7 @@ def _alive(pid:int) -> bool:
     except (PermissionError, OverflowError): return True
     return True
 
+# %% ../nbs/01_checkpoints.ipynb #08c762b7
 def stale_temporaries(out_dir:str|os.PathLike # an output folder
                      ) -> list[Path]:
     "Remove the temporary siblings of `out_dir` left by a killed run (their process is gone); warn about the ones kept."
@@ -450,8 +515,10 @@ def _local_path(x) -> Path|None:
     p = Path(x).expanduser()
     return p.resolve() if p.exists() else None
 
+# %% ../nbs/01_checkpoints.ipynb #d3ac6b2e
 def _related(a:Path, b:Path) -> bool: return a == b or a in b.parents or b in a.parents
 
+# %% ../nbs/01_checkpoints.ipynb #05087d1b
 class ShardedWriter:
     "Write tensors into size-limited safetensors shards with an index, in a temporary sibling folder renamed at the end."
     def __init__(self, out_dir:str|os.PathLike, # the folder to create
@@ -478,51 +545,7 @@ class ShardedWriter:
         self._shards, self._key_shard, self._written = [], {}, set()
         self.total_size, self.total_parameters, self.weight_map, self.state = 0, 0, {}, 'open'
 
-    def _check_target(self):
-        o = self.out_dir
-        if o.is_symlink() or (o.exists() and not o.is_dir()): raise CheckpointError(f'{o}: exists and is not a folder')
-        cwd = Path.cwd().resolve()
-        if o.exists() and (o.resolve() == cwd or o.resolve() in cwd.parents):
-            raise CheckpointError(f'{o}: is the current folder (or holds it); choose an output folder of its own')
-        if o.is_dir() and any(o.iterdir()):
-            if not self.overwrite: raise CheckpointError(f'{o}: the output folder exists and is not empty; pass overwrite=True to replace it')
-            if not (o/OUTPUT_MARKER).exists():
-                raise CheckpointError(f'{o}: not empty and not a vlm_merge output (no {OUTPUT_MARKER} file); refusing to replace it '
-                                      'even with overwrite=True: choose another folder, or empty it yourself')
-
     def __repr__(self): return f'{type(self).__name__}({str(self.out_dir)!r}, {self.state}, {len(self._key_shard)} tensors)'
-
-    def add(self, key:str, # tensor name in the output checkpoint
-            tensor:torch.Tensor, # any dtype safetensors can store; any device (moved to CPU)
-           ):
-        "Queue `tensor` under `key`; writes the current shard first when `tensor` would not fit in it."
-        if self.state != 'open': raise CheckpointError(f"{self.out_dir}: writer is {self.state}; cannot add tensor '{key}'")
-        if not isinstance(key, str) or not key: raise CheckpointError(f'{self.out_dir}: tensor name {key!r} is not a non-empty string')
-        if key in self._key_shard: raise CheckpointError(f"{self.out_dir}: tensor '{key}' was added twice")
-        if not isinstance(tensor, torch.Tensor): raise CheckpointError(f"{self.out_dir}: tensor '{key}' is a {type(tensor).__name__}, not a torch.Tensor")
-        if tensor.dtype not in _TORCH2ST: raise CheckpointError(f"{self.out_dir}: tensor '{key}' has dtype {tensor.dtype}, which safetensors cannot store")
-        t = tensor.detach()
-        if t.device.type != 'cpu': t = t.to('cpu')
-        if not t.is_contiguous(): t = t.contiguous()
-        if t.untyped_storage().nbytes() != t.nbytes or (t.nbytes and t.data_ptr() in self._ptrs): t = t.clone()  # views / tied copies
-        if self._shard and self._shard_bytes + t.nbytes > self.max_shard_size: self._flush()
-        self._shard[key] = t; self._shard_bytes += t.nbytes; self._ptrs.add(t.data_ptr())
-        self._key_shard[key] = len(self._shards)
-        self.total_size += t.nbytes; self.total_parameters += t.numel()
-
-    def _flush(self):
-        f = self.tmp_dir/f'.shard-{len(self._shards):05d}.safetensors'
-        save_safetensors(self._shard, f, self.metadata)
-        self._shards.append(f)
-        self._shard, self._shard_bytes, self._ptrs = {}, 0, set()
-
-    def _target(self, name:str) -> Path:
-        p = Path(name)
-        if p.is_absolute() or '..' in p.parts or not p.parts: raise CheckpointError(f'{name!r}: output file names must be relative, inside the folder')
-        if any(fnmatch.fnmatch(p.name, w) for w in _WEIGHT_PATTERNS): raise CheckpointError(f'{name}: weight files are written with add(), not as auxiliary files')
-        if self.state != 'open': raise CheckpointError(f'{self.out_dir}: writer is {self.state}; cannot write {name}')
-        (self.tmp_dir/p).parent.mkdir(parents=True, exist_ok=True)
-        return self.tmp_dir/p
 
     def write_text(self, name:str, text:str) -> Path:
         "Write a text file `name` into the output (it wins over a file of that name from `copy_aux`)."
@@ -532,65 +555,128 @@ class ShardedWriter:
         "Write `obj` as JSON file `name` into the output (it wins over a file of that name from `copy_aux`)."
         return self.write_text(name, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + '\n')
 
-    def copy_aux(self, src, # folder, Hub id or CheckpointReader to copy from
-                 files:Iterable[str]|None=None, # names or glob patterns; default `AUX_FILES` (absent ones skipped)
-                ) -> list[str]:
-        "Copy config, generation config, tokenizer, processor, chat template and (by default) remote-code files from `src`; returns the names copied."
-        folder = src.path if isinstance(src, CheckpointReader) else resolve_model_path(src, allow_patterns=list(AUX_FILES) + ['*.py'])
-        if folder.is_file(): folder = folder.parent
-        explicit = files is not None
-        copied = []
-        for pat in (list(AUX_FILES) + remote_code_files(folder) if files is None else files):   # remote code: `auto_map` modules
-            hits = sorted(q for q in folder.glob(pat) if q.is_file())
-            if explicit and not hits: raise CheckpointError(f'{folder/pat}: no such file to copy')
-            for q in hits:
-                rel = q.relative_to(folder).as_posix()
-                if rel in self._written or rel in copied: continue
-                shutil.copyfile(q, self._target(rel)); copied.append(rel)
-        return copied
-
-    def close(self) -> Path:
-        "Write the last shard, name the shards, write the index, and move the folder into place."
-        if self.state == 'closed': return self.out_dir
-        if self.state != 'open': raise CheckpointError(f'{self.out_dir}: writer was {self.state}')
-        try:
-            if self._shard: self._flush()
-            n = len(self._shards)
-            names = ['model.safetensors'] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
-            for f, name in zip(self._shards, names): os.replace(f, self.tmp_dir/name)
-            (self.tmp_dir/OUTPUT_MARKER).write_text('written by vlm_merge; `--overwrite` may replace this folder\n')
-            self.weight_map = {k: names[i] for k, i in sorted(self._key_shard.items())}
-            if n > 1:
-                idx = {'metadata': {'total_size': self.total_size, 'total_parameters': self.total_parameters}, 'weight_map': self.weight_map}
-                (self.tmp_dir/'model.safetensors.index.json').write_text(json.dumps(idx, indent=2) + '\n', encoding='utf-8')
-            self._swap_in()
-        except BaseException:
-            self.abort(); raise
-        self.state = 'closed'
-        return self.out_dir
-
-    def _swap_in(self):
-        o = self.out_dir
-        self._check_target()               # nothing may have appeared there while we wrote
-        if o.is_dir() and not any(o.iterdir()): o.rmdir()
-        if not o.exists(): os.replace(self.tmp_dir, o); return
-        old = o.parent/f'.{o.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}'
-        os.replace(o, old)
-        try: os.replace(self.tmp_dir, o)
-        except BaseException: os.replace(old, o); raise
-        shutil.rmtree(old, ignore_errors=True)
-
-    def abort(self):
-        "Remove the temporary folder; `out_dir` is left as it was."
-        self._shard = {}
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        if self.state == 'open': self.state = 'aborted'
-
     def __enter__(self): return self
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None: self.close()
-        else: self.abort()
-        return False
+
+# %% ../nbs/01_checkpoints.ipynb #b2ab30a7
+@patch
+def _check_target(self:ShardedWriter):
+    o = self.out_dir
+    if o.is_symlink() or (o.exists() and not o.is_dir()): raise CheckpointError(f'{o}: exists and is not a folder')
+    cwd = Path.cwd().resolve()
+    if o.exists() and (o.resolve() == cwd or o.resolve() in cwd.parents):
+        raise CheckpointError(f'{o}: is the current folder (or holds it); choose an output folder of its own')
+    if o.is_dir() and any(o.iterdir()):
+        if not self.overwrite: raise CheckpointError(f'{o}: the output folder exists and is not empty; pass overwrite=True to replace it')
+        if not (o/OUTPUT_MARKER).exists():
+            raise CheckpointError(f'{o}: not empty and not a vlm_merge output (no {OUTPUT_MARKER} file); refusing to replace it '
+                                  'even with overwrite=True: choose another folder, or empty it yourself')
+
+# %% ../nbs/01_checkpoints.ipynb #2527c4e0
+@patch
+def add(self:ShardedWriter, key:str, # tensor name in the output checkpoint
+        tensor:torch.Tensor, # any dtype safetensors can store; any device (moved to CPU)
+       ):
+    "Queue `tensor` under `key`; writes the current shard first when `tensor` would not fit in it."
+    if self.state != 'open': raise CheckpointError(f"{self.out_dir}: writer is {self.state}; cannot add tensor '{key}'")
+    if not isinstance(key, str) or not key: raise CheckpointError(f'{self.out_dir}: tensor name {key!r} is not a non-empty string')
+    if key in self._key_shard: raise CheckpointError(f"{self.out_dir}: tensor '{key}' was added twice")
+    if not isinstance(tensor, torch.Tensor): raise CheckpointError(f"{self.out_dir}: tensor '{key}' is a {type(tensor).__name__}, not a torch.Tensor")
+    if tensor.dtype not in _TORCH2ST: raise CheckpointError(f"{self.out_dir}: tensor '{key}' has dtype {tensor.dtype}, which safetensors cannot store")
+    t = tensor.detach()
+    if t.device.type != 'cpu': t = t.to('cpu')
+    if not t.is_contiguous(): t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.nbytes or (t.nbytes and t.data_ptr() in self._ptrs): t = t.clone()  # views / tied copies
+    if self._shard and self._shard_bytes + t.nbytes > self.max_shard_size: self._flush()
+    self._shard[key] = t; self._shard_bytes += t.nbytes; self._ptrs.add(t.data_ptr())
+    self._key_shard[key] = len(self._shards)
+    self.total_size += t.nbytes; self.total_parameters += t.numel()
+
+# %% ../nbs/01_checkpoints.ipynb #e0e44f02
+@patch
+def _flush(self:ShardedWriter):
+    f = self.tmp_dir/f'.shard-{len(self._shards):05d}.safetensors'
+    save_safetensors(self._shard, f, self.metadata)
+    self._shards.append(f)
+    self._shard, self._shard_bytes, self._ptrs = {}, 0, set()
+
+# %% ../nbs/01_checkpoints.ipynb #ad5f50f5
+@patch
+def _target(self:ShardedWriter, name:str) -> Path:
+    p = Path(name)
+    if p.is_absolute() or '..' in p.parts or not p.parts: raise CheckpointError(f'{name!r}: output file names must be relative, inside the folder')
+    if any(fnmatch.fnmatch(p.name, w) for w in _WEIGHT_PATTERNS): raise CheckpointError(f'{name}: weight files are written with add(), not as auxiliary files')
+    if self.state != 'open': raise CheckpointError(f'{self.out_dir}: writer is {self.state}; cannot write {name}')
+    (self.tmp_dir/p).parent.mkdir(parents=True, exist_ok=True)
+    return self.tmp_dir/p
+
+# %% ../nbs/01_checkpoints.ipynb #db2f3c18
+@patch
+def copy_aux(self:ShardedWriter, src, # folder, Hub id or CheckpointReader to copy from
+             files:Iterable[str]|None=None, # names or glob patterns; default `AUX_FILES` (absent ones skipped)
+            ) -> list[str]:
+    "Copy config, generation config, tokenizer, processor, chat template and (by default) remote-code files from `src`; returns the names copied."
+    folder = src.path if isinstance(src, CheckpointReader) else resolve_model_path(src, allow_patterns=list(AUX_FILES) + ['*.py'])
+    if folder.is_file(): folder = folder.parent
+    explicit = files is not None
+    copied = []
+    for pat in (list(AUX_FILES) + remote_code_files(folder) if files is None else files):   # remote code: `auto_map` modules
+        hits = sorted(q for q in folder.glob(pat) if q.is_file())
+        if explicit and not hits: raise CheckpointError(f'{folder/pat}: no such file to copy')
+        for q in hits:
+            rel = q.relative_to(folder).as_posix()
+            if rel in self._written or rel in copied: continue
+            shutil.copyfile(q, self._target(rel)); copied.append(rel)
+    return copied
+
+# %% ../nbs/01_checkpoints.ipynb #89536429
+@patch
+def close(self:ShardedWriter) -> Path:
+    "Write the last shard, name the shards, write the index, and move the folder into place."
+    if self.state == 'closed': return self.out_dir
+    if self.state != 'open': raise CheckpointError(f'{self.out_dir}: writer was {self.state}')
+    try:
+        if self._shard: self._flush()
+        n = len(self._shards)
+        names = ['model.safetensors'] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
+        for f, name in zip(self._shards, names): os.replace(f, self.tmp_dir/name)
+        (self.tmp_dir/OUTPUT_MARKER).write_text('written by vlm_merge; `--overwrite` may replace this folder\n')
+        self.weight_map = {k: names[i] for k, i in sorted(self._key_shard.items())}
+        if n > 1:
+            idx = {'metadata': {'total_size': self.total_size, 'total_parameters': self.total_parameters}, 'weight_map': self.weight_map}
+            (self.tmp_dir/'model.safetensors.index.json').write_text(json.dumps(idx, indent=2) + '\n', encoding='utf-8')
+        self._swap_in()
+    except BaseException:
+        self.abort(); raise
+    self.state = 'closed'
+    return self.out_dir
+
+# %% ../nbs/01_checkpoints.ipynb #bfc8ca7b
+@patch
+def _swap_in(self:ShardedWriter):
+    o = self.out_dir
+    self._check_target()               # nothing may have appeared there while we wrote
+    if o.is_dir() and not any(o.iterdir()): o.rmdir()
+    if not o.exists(): os.replace(self.tmp_dir, o); return
+    old = o.parent/f'.{o.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    os.replace(o, old)
+    try: os.replace(self.tmp_dir, o)
+    except BaseException: os.replace(old, o); raise
+    shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/01_checkpoints.ipynb #0764dc49
+@patch
+def abort(self:ShardedWriter):
+    "Remove the temporary folder; `out_dir` is left as it was."
+    self._shard = {}
+    shutil.rmtree(self.tmp_dir, ignore_errors=True)
+    if self.state == 'open': self.state = 'aborted'
+
+# %% ../nbs/01_checkpoints.ipynb #57c280e9
+@patch
+def __exit__(self:ShardedWriter, exc_type, exc, tb):
+    if exc_type is None: self.close()
+    else: self.abort()
+    return False
 
 # %% ../nbs/01_checkpoints.ipynb #615ddf8c
 def reshard(src, # folder, Hub id or CheckpointReader
@@ -625,3 +711,37 @@ def rss_bytes() -> int:
         for line in Path('/proc/self/status').read_text().splitlines():
             if line.startswith('VmRSS:'): return int(line.split()[1]) * 1024
         raise RuntimeError('cannot measure resident memory: install psutil')
+
+# %% ../nbs/01_checkpoints.ipynb #d9a2bc6e
+@patch
+def _pread_header(self:CheckpointReader, f:Path) -> tuple:
+    "(file descriptor, offset of the data, header) of shard `f`, opened once."
+    if f not in self._preads:
+        fd = os.open(f, os.O_RDONLY)
+        n = struct.unpack('<Q', os.pread(fd, 8, 0))[0]
+        self._preads[f] = (fd, 8 + n, json.loads(os.pread(fd, n, 8)))
+    return self._preads[f]
+
+# %% ../nbs/01_checkpoints.ipynb #da24c272
+@patch
+def read_rows(self:CheckpointReader,
+              key:str, # tensor name as stored
+              start:int|None=None, # first row (dim 0) to read; None: the whole tensor
+              stop:int|None=None # row after the last
+             ) -> torch.Tensor:
+    "Tensor `key` (or its rows [start, stop)), read with `pread` into a buffer of its own (no memory map)."
+    if self.format != 'safetensors':
+        t = self.get(key); return t if start is None else t[start:stop]
+    f = self.file_of(key); fd, data0, hdr = self._pread_header(f)
+    dt, shape = self.dtype(key), list(self.shape(key))
+    b, e = hdr[key]['data_offsets']
+    if start is not None and shape:
+        row = math.prod(shape[1:]) * _itemsize(dt)
+        b, e, shape[0] = b + start * row, b + stop * row, stop - start
+    buf = torch.empty(e - b, dtype=torch.uint8)
+    mv, got = memoryview(buf.numpy()), 0
+    while got < e - b:
+        n = os.preadv(fd, [mv[got:]], data0 + b + got)
+        if n <= 0: raise CheckpointError(f"{f}: truncated while reading tensor '{key}'")
+        got += n
+    return buf.view(dt).view(shape)

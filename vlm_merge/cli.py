@@ -82,6 +82,7 @@ def error_line(command:str, # the subcommand, e.g. 'merge'
         msg = f'{type(e).__name__}: {msg}'.rstrip(': ') + ' (run with --debug for the traceback)'
     return f'vlm-merge {command}: error: {msg}'
 
+# %% ../nbs/99_cli.ipynb #3d29c7e9
 def debug_wanted(argv:list) -> bool:
     "Whether `--debug` is among `argv` or `VLM_MERGE_DEBUG` is set to something other than '' or '0'."
     return '--debug' in argv or os.environ.get('VLM_MERGE_DEBUG', '') not in ('', '0')
@@ -105,6 +106,7 @@ def run_command(command:str, # a key of `COMMANDS`
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     "Defaults shown after each option's help; descriptions keep their line breaks."
 
+# %% ../nbs/99_cli.ipynb #a390fb68
 def positive_int(s:str) -> int:
     "An integer > 0 (argparse type)."
     try: n = int(s)
@@ -112,6 +114,7 @@ def positive_int(s:str) -> int:
     if n <= 0: raise argparse.ArgumentTypeError(f'must be a positive integer, got {n}')
     return n
 
+# %% ../nbs/99_cli.ipynb #34b7285f
 def fraction(s:str) -> float:
     "A number in (0, 1] (argparse type)."
     try: x = float(s)
@@ -119,6 +122,7 @@ def fraction(s:str) -> float:
     if not 0 < x <= 1: raise argparse.ArgumentTypeError(f'must be in (0, 1], got {x}')
     return x
 
+# %% ../nbs/99_cli.ipynb #8c3f84fd
 def suffix_in(*suffixes:str):
     "An argparse type accepting a file name with one of `suffixes`."
     def f(s:str) -> str:
@@ -138,6 +142,7 @@ def _inspect_args(p):
     p.add_argument('--json', action='store_true', help='print machine-readable JSON')
     p.add_argument('--limit', type=positive_int, default=24, help='how many sample keys to show')
 
+# %% ../nbs/99_cli.ipynb #d205bb3b
 def _zoo_args(p):
     p.description = 'Build or describe the zoo of tiny trained models.'
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{info,build}')
@@ -209,6 +214,7 @@ def _detect_args(p):
     p.add_argument('--from_scores', action='store_true', help='re-select from saved scores (no forward pass)')
     p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
 
+# %% ../nbs/99_cli.ipynb #1942346d
 def _shared_args(p):
     p.description = 'Shared neurons between two detections, with per-layer statistics and a heat map.'
     p.add_argument('json_a', help='neuron JSON of model A (e.g. the VLM on image problems)')
@@ -253,6 +259,7 @@ def _run_args(p):
     p.add_argument('--quiet', action='store_true', help='no progress output')
     p.add_argument('--trust-remote-code', action='store_true', help=TRUST)
 
+# %% ../nbs/99_cli.ipynb #49f81ea0
 def _demo_args(p):
     p.description = 'Detection, shared neurons, lora and mean merges and evaluation on the built-in zoo.'
     p.add_argument('--out', default='./vlm_merge_demo', help='output folder')
@@ -291,6 +298,7 @@ def parser_for(command:str # a key of `PARSERS`
     p.add_argument('--debug', action='store_true', help='show the traceback of an error (also VLM_MERGE_DEBUG=1)')
     return p
 
+# %% ../nbs/99_cli.ipynb #a83e881d
 def parse_args(command:str, # a key of `PARSERS`
                argv:list|None=None # the arguments after the command
               ) -> argparse.Namespace:

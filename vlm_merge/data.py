@@ -27,6 +27,7 @@ def _gsm_step(op:str, name:str, b:int) -> str:
     if op == 'sub': return f'Then {name} gives away {b}.'
     return f'Then {name} gets {b} times as many.'
 
+# %% ../nbs/02_data.ipynb #4c359b68
 def _gsm_one(rng:np.random.Generator, n_steps:int, ops:tuple, max_value:int):
     name, obj = GSM_NAMES[rng.integers(len(GSM_NAMES))], GSM_OBJECTS[rng.integers(len(GSM_OBJECTS))]
     v = int(rng.integers(2, 31)) if 'mul' in ops and len(ops) == 1 else int(rng.integers(2, max_value // 2))
@@ -89,6 +90,7 @@ def _atomic_write(path:Path, write) -> Path:
         raise
     return path
 
+# %% ../nbs/02_data.ipynb #e4e841e0
 def _need(df:pd.DataFrame, cols, src) -> None:
     miss = [c for c in cols if c not in df.columns]
     if miss: raise ValueError(f'{src}: missing column(s) {miss}; found {list(df.columns)}')
@@ -101,6 +103,7 @@ def write_gsm_tsv(df:pd.DataFrame, # table with `question` and `answer`
     _need(df, ['question', 'answer'], 'write_gsm_tsv')
     return _atomic_write(path, lambda t: df.to_csv(t, sep='\t', index=False))
 
+# %% ../nbs/02_data.ipynb #a682f66c
 def load_gsm(path_or_dir:str|Path, # a TSV, or a folder holding `mgsm_{lang}.tsv`
              lang:str='en',        # language code used to name the file in a folder
              name:str|None=None,   # file name inside the folder, overriding `mgsm_{lang}.tsv`
@@ -121,9 +124,11 @@ def load_gsm(path_or_dir:str|Path, # a TSV, or a folder holding `mgsm_{lang}.tsv
 def _font(size:int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=max(8, size))
 
+# %% ../nbs/02_data.ipynb #f43c9b67
 def _text(d:ImageDraw.ImageDraw, xy, s:str, font, anchor='mm') -> None:
     d.text(xy, s, fill='black', font=font, anchor=anchor)
 
+# %% ../nbs/02_data.ipynb #9f971ba7
 def draw_figure(fig:dict,      # {'shape': ..., values}: what `make_geometry` records in `figure`
                 size:int=64,   # side of the square image in pixels
                ) -> Image.Image:
@@ -167,10 +172,12 @@ def draw_figure(fig:dict,      # {'shape': ..., values}: what `make_geometry` re
 def _to_b64(img:Image.Image) -> str:
     buf = io.BytesIO(); img.save(buf, format='PNG'); return base64.b64encode(buf.getvalue()).decode('ascii')
 
+# %% ../nbs/02_data.ipynb #ab441f84
 def to_base64(img) -> str:
     "A PNG of any image `to_pil` accepts, as a base64 string."
     return _to_b64(to_pil(img))
 
+# %% ../nbs/02_data.ipynb #7dd70b1a
 def _choices(rng, correct:int, pool:list, step:int) -> tuple[list[str], str]:
     "Four distinct positive choices: `correct`, distractors from `pool` first, then values around a random shift of `correct`; shuffled."
     opts = [correct]
@@ -186,6 +193,7 @@ def _choices(rng, correct:int, pool:list, step:int) -> tuple[list[str], str]:
     choices = [str(opts[i]) for i in order]
     return choices, 'ABCD'[choices.index(str(correct))]
 
+# %% ../nbs/02_data.ipynb #c0ad2dd5
 def _geo_one(rng, kind:str) -> tuple[dict, str, int, list, int]:
     "(figure, problem, correct value, distractor pool, step) for one problem of `kind`."
     L = lambda lo=2, hi=19: int(rng.integers(lo, hi + 1))
@@ -276,6 +284,7 @@ def _steps(f:dict) -> tuple[list[str], int]:
     if s == 'square': return [f"{f['side']} * 4 = {4 * f['side']}"], 4 * f['side']
     raise ValueError(f"geometry_solution: no chain question for shape {s!r}")
 
+# %% ../nbs/02_data.ipynb #90b6736a
 def geometry_solution(figure:str|dict, # a chain row's `figure` JSON (or the dict)
                      ) -> str:
     "The worked answer of a chain question: the labels read, one line per step, then `#### N`."
@@ -283,6 +292,7 @@ def geometry_solution(figure:str|dict, # a chain row's `figure` JSON (or the dic
     lines, v = _steps(f)
     return '\n'.join([figure_labels(f)] + lines + [f'#### {v}'])
 
+# %% ../nbs/02_data.ipynb #63e5e070
 def text_problem(problem:str,          # a chain row's `problem`
                  figure:str|dict,      # its `figure` JSON
                 ) -> str:
@@ -322,11 +332,13 @@ def write_geometry_parquet(df:pd.DataFrame, # table with at least `problem`, `an
     _need(df, ['problem', 'answer', 'images'], 'write_geometry_parquet')
     return _atomic_write(path, lambda t: df.to_parquet(t, index=False))
 
+# %% ../nbs/02_data.ipynb #36a0616f
 def _as_list(v):
     if isinstance(v, (list, tuple)): return list(v)
     if isinstance(v, np.ndarray): return list(v)
     return [v]
 
+# %% ../nbs/02_data.ipynb #76e7aec7
 def _datasets_frame(ds, split, source) -> pd.DataFrame:
     "A `datasets` Dataset or DatasetDict as one DataFrame: the named split, or all splits concatenated."
     import datasets
@@ -337,6 +349,7 @@ def _datasets_frame(ds, split, source) -> pd.DataFrame:
         else: ds = datasets.concatenate_datasets([ds[s] for s in ds])
     return ds.to_pandas()
 
+# %% ../nbs/02_data.ipynb #975b80ba
 def load_geometry(source:str|Path,       # parquet file, folder of parquet files, or a Hub dataset id
                   split:str|None=None,   # one split of a Hub dataset; all splits concatenated when None
                  ) -> pd.DataFrame:
@@ -367,6 +380,7 @@ def gsm_prompt(question:str) -> str:
     "The user message for a GSM-style question."
     return f"{question.strip()}\n{GSM_INSTRUCTION}"
 
+# %% ../nbs/02_data.ipynb #66d25526
 def geometry_prompt(problem:str,               # the question text
                     choices:list|None=None,     # up to four choices, in A-D order; None for free-form answers
                    ) -> str:
@@ -386,6 +400,7 @@ def _norm_num(s:str) -> str|None:
     if not np.isfinite(v): return None
     return str(int(v)) if v == int(v) else repr(v)
 
+# %% ../nbs/02_data.ipynb #aa26e639
 def extract_gsm_answer(text:str|None) -> str|None:
     "The final number of a worked answer: after the last `####`, else the last number; normalised."
     if text is None: return None
@@ -396,6 +411,7 @@ def extract_gsm_answer(text:str|None) -> str|None:
     nums = re.findall(_NUM, text)
     return _norm_num(nums[-1]) if nums else None
 
+# %% ../nbs/02_data.ipynb #a9ce56b6
 def is_correct_gsm(pred_text:str|None, # the model's output
                    gold_answer,        # worked answer with `####`, or a bare number
                   ) -> bool:
@@ -409,6 +425,7 @@ def _val_eq(a:str, b:str) -> bool:
     if na is not None and nb is not None: return float(na) == float(nb)
     return str(a).strip().lower() == str(b).strip().lower()
 
+# %% ../nbs/02_data.ipynb #29d2e4e4
 def extract_choice(text:str|None,          # the model's output
                    choices:list|None=None, # choice values in A-D order, used to map a value to its letter
                   ) -> str|None:
@@ -434,6 +451,7 @@ def extract_choice(text:str|None,          # the model's output
     m = re.findall(rf'(?<![A-Za-z])([{letters}])(?![A-Za-z])', t)
     return m[-1] if m else None
 
+# %% ../nbs/02_data.ipynb #c001f75a
 def is_correct_choice(pred_text:str|None, # the model's output
                       gold,               # the gold letter 'A'-'D', or the gold value
                       choices:list|None=None, # choice values in A-D order

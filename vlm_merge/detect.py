@@ -12,6 +12,7 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .inference import pick_device, pick_dtype, strip_image_placeholders
 from .anatomy import GROUPS, ROW_GROUPS, COL_GROUPS, ModelAnatomy
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['group_ratio', 'ActivationRecorder', 'top_neurons', 'intersect_neurons', 'Detection', 'write_neuron_json',
@@ -76,55 +77,67 @@ class ActivationRecorder:
         self.sums, self.per_sample, self.n_tokens, self.n_samples = {}, {}, 0, 0
         self.mask, self._handles, self.unmasked = None, [], set()
 
-    def _ref(self, layer, g):   # (module, rows of its output that are the group: fused q/k/v or gate/up)
-        ref = getattr(self.anatomy, 'ref', None)
-        if ref is None: return self.anatomy.module(layer, g), None
-        r = ref(layer, g); return r.module, r.rows
-
-    def set_mask(self, mask:torch.Tensor): # attention mask [B, T] of the batch about to run
-        "Set the mask of the next forward pass and count its tokens and samples."
-        self.mask = mask
-        self.n_tokens += int(mask.sum()); self.n_samples += mask.shape[0]
-
-    def _hook(self, g, layer, col, rows):
-        def fn(mod, args, out):
-            a = args[0] if col else out
-            if isinstance(a, tuple): a = a[0]
-            a = a.detach()
-            if rows is not None: a = a[..., rows.to(a.device) if torch.is_tensor(rows) else rows]
-            if a.dim() == 2: a = a[None]
-            m = self.mask
-            if m is None or m.shape != a.shape[:2]:  # the LM sees a different sequence: count every position
-                self.unmasked.add(g); m = torch.ones(a.shape[:2], device=a.device)
-            s = torch.bmm(m.to(a.device, a.dtype)[:, None, :], a.abs()).squeeze(1).float()  # [B, N]
-            key = (g, layer)
-            if key in self.sums: self.sums[key].add_(s.sum(0))
-            else: self.sums[key] = s.sum(0)
-            if self.keep_per_sample: self.per_sample.setdefault(key, []).append(s)
-        return fn
-
-    def __enter__(self):
-        for g, mods in self.modules.items():
-            for layer, (mod, rows) in mods.items():
-                self._handles.append(mod.register_forward_hook(self._hook(g, layer, g in COL_GROUPS, rows)))
-        return self
-
     def __exit__(self, *exc):
         for h in self._handles: h.remove()
         self._handles.clear()
 
-    def scores(self) -> dict:
-        "Mean |activation| per real token: {group: Tensor[n_layers, n_neurons]} on the CPU."
-        if not self.sums: raise RuntimeError('no activations recorded: run forward passes inside `with recorder:`')
-        denom = max(self.n_tokens, 1)
-        return {g: torch.stack([self.sums[(g, l)] for l in sorted(mods)]).cpu() / denom
-                for g, mods in self.modules.items() if (g, sorted(mods)[0]) in self.sums}
+# %% ../nbs/04_detect.ipynb #9661e88d
+@patch
+def _ref(self:ActivationRecorder, layer, g):   # (module, rows of its output that are the group: fused q/k/v or gate/up)
+    ref = getattr(self.anatomy, 'ref', None)
+    if ref is None: return self.anatomy.module(layer, g), None
+    r = ref(layer, g); return r.module, r.rows
 
-    def sample_scores(self) -> dict:
-        "Per-sample token sums: {group: Tensor[n_samples, n_layers, n_neurons]} on the CPU."
-        if not self.keep_per_sample: raise RuntimeError('create the recorder with keep_per_sample=True')
-        return {g: torch.stack([torch.cat(self.per_sample[(g, l)]) for l in sorted(mods)], 1).cpu()
-                for g, mods in self.modules.items() if (g, sorted(mods)[0]) in self.per_sample}
+# %% ../nbs/04_detect.ipynb #7c47af88
+@patch
+def set_mask(self:ActivationRecorder, mask:torch.Tensor): # attention mask [B, T] of the batch about to run
+    "Set the mask of the next forward pass and count its tokens and samples."
+    self.mask = mask
+    self.n_tokens += int(mask.sum()); self.n_samples += mask.shape[0]
+
+# %% ../nbs/04_detect.ipynb #ae8e85e6
+@patch
+def _hook(self:ActivationRecorder, g, layer, col, rows):
+    def fn(mod, args, out):
+        a = args[0] if col else out
+        if isinstance(a, tuple): a = a[0]
+        a = a.detach()
+        if rows is not None: a = a[..., rows.to(a.device) if torch.is_tensor(rows) else rows]
+        if a.dim() == 2: a = a[None]
+        m = self.mask
+        if m is None or m.shape != a.shape[:2]:  # the LM sees a different sequence: count every position
+            self.unmasked.add(g); m = torch.ones(a.shape[:2], device=a.device)
+        s = torch.bmm(m.to(a.device, a.dtype)[:, None, :], a.abs()).squeeze(1).float()  # [B, N]
+        key = (g, layer)
+        if key in self.sums: self.sums[key].add_(s.sum(0))
+        else: self.sums[key] = s.sum(0)
+        if self.keep_per_sample: self.per_sample.setdefault(key, []).append(s)
+    return fn
+
+# %% ../nbs/04_detect.ipynb #8a447c5a
+@patch
+def __enter__(self:ActivationRecorder):
+    for g, mods in self.modules.items():
+        for layer, (mod, rows) in mods.items():
+            self._handles.append(mod.register_forward_hook(self._hook(g, layer, g in COL_GROUPS, rows)))
+    return self
+
+# %% ../nbs/04_detect.ipynb #e0af845a
+@patch
+def scores(self:ActivationRecorder) -> dict:
+    "Mean |activation| per real token: {group: Tensor[n_layers, n_neurons]} on the CPU."
+    if not self.sums: raise RuntimeError('no activations recorded: run forward passes inside `with recorder:`')
+    denom = max(self.n_tokens, 1)
+    return {g: torch.stack([self.sums[(g, l)] for l in sorted(mods)]).cpu() / denom
+            for g, mods in self.modules.items() if (g, sorted(mods)[0]) in self.sums}
+
+# %% ../nbs/04_detect.ipynb #8e158f56
+@patch
+def sample_scores(self:ActivationRecorder) -> dict:
+    "Per-sample token sums: {group: Tensor[n_samples, n_layers, n_neurons]} on the CPU."
+    if not self.keep_per_sample: raise RuntimeError('create the recorder with keep_per_sample=True')
+    return {g: torch.stack([torch.cat(self.per_sample[(g, l)]) for l in sorted(mods)], 1).cpu()
+            for g, mods in self.modules.items() if (g, sorted(mods)[0]) in self.per_sample}
 
 # %% ../nbs/04_detect.ipynb #68df80ec
 def top_neurons(scores:torch.Tensor, # [n_layers, n_neurons] scores of one group
@@ -136,6 +149,7 @@ def top_neurons(scores:torch.Tensor, # [n_layers, n_neurons] scores of one group
     idx = torch.topk(scores.float(), k, dim=-1).indices if k else torch.empty(scores.shape[0], 0, dtype=torch.long)
     return {str(l): sorted(int(i) for i in row) for l, row in enumerate(idx)}
 
+# %% ../nbs/04_detect.ipynb #d41afcd2
 def intersect_neurons(sample_scores:torch.Tensor, # [n_samples, n_layers, n_neurons] per-sample scores of one group
                       ratio:float                  # fraction kept per sample and layer before intersecting
                      ) -> dict:
@@ -156,22 +170,6 @@ class Detection:
     meta: dict = field(default_factory=dict)   # model, task, n_samples, n_tokens, ...
     sample_scores: dict | None = None   # {group: Tensor[n_samples, n_layers, n_neurons]} when kept
 
-    def select(self, atten_ratio:float=0.3, ffn_ratio:float=0.3, mode:str='aggregate') -> dict:
-        "Neuron JSON dict {group: {layer: [indices]}} for these ratios; `mode` 'aggregate' or 'intersect'."
-        if mode not in ('aggregate', 'intersect'): raise ValueError(f"mode must be 'aggregate' or 'intersect', got {mode!r}")
-        if mode == 'intersect' and not self.sample_scores:
-            raise ValueError("mode='intersect' needs per-sample scores: detect with keep_per_sample=True")
-        src = self.scores if mode == 'aggregate' else self.sample_scores
-        sel = top_neurons if mode == 'aggregate' else intersect_neurons
-        return {g: sel(src[g], group_ratio(g, atten_ratio, ffn_ratio)) for g in GROUPS if g in src}
-
-    def save(self, path:str|Path) -> Path:
-        "Write the scores (and per-sample scores) to one safetensors file, atomically."
-        from vlm_merge.data import _atomic_write
-        t = {f'scores.{g}': v.contiguous() for g, v in self.scores.items()}
-        if self.sample_scores: t.update({f'sample_scores.{g}': v.contiguous() for g, v in self.sample_scores.items()})
-        return _atomic_write(path, lambda tmp: save_file(t, tmp, metadata={'meta': json.dumps(self.meta)}))
-
     @classmethod
     def load(cls, path:str|Path) -> 'Detection':
         "Read a file written by `Detection.save`."
@@ -185,6 +183,26 @@ class Detection:
         if not sc: raise ValueError(f'{path} holds no `scores.<group>` tensors: not a detection file')
         return cls(sc, meta, ps or None)
 
+# %% ../nbs/04_detect.ipynb #fbdf5561
+@patch
+def select(self:Detection, atten_ratio:float=0.3, ffn_ratio:float=0.3, mode:str='aggregate') -> dict:
+    "Neuron JSON dict {group: {layer: [indices]}} for these ratios; `mode` 'aggregate' or 'intersect'."
+    if mode not in ('aggregate', 'intersect'): raise ValueError(f"mode must be 'aggregate' or 'intersect', got {mode!r}")
+    if mode == 'intersect' and not self.sample_scores:
+        raise ValueError("mode='intersect' needs per-sample scores: detect with keep_per_sample=True")
+    src = self.scores if mode == 'aggregate' else self.sample_scores
+    sel = top_neurons if mode == 'aggregate' else intersect_neurons
+    return {g: sel(src[g], group_ratio(g, atten_ratio, ffn_ratio)) for g in GROUPS if g in src}
+
+# %% ../nbs/04_detect.ipynb #63647dd5
+@patch
+def save(self:Detection, path:str|Path) -> Path:
+    "Write the scores (and per-sample scores) to one safetensors file, atomically."
+    from vlm_merge.data import _atomic_write
+    t = {f'scores.{g}': v.contiguous() for g, v in self.scores.items()}
+    if self.sample_scores: t.update({f'sample_scores.{g}': v.contiguous() for g, v in self.sample_scores.items()})
+    return _atomic_write(path, lambda tmp: save_file(t, tmp, metadata={'meta': json.dumps(self.meta)}))
+
 # %% ../nbs/04_detect.ipynb #d0ed1cef
 def write_neuron_json(neurons:dict, # {group: {layer: [indices]}}
                       path:str|Path  # output file
@@ -195,6 +213,7 @@ def write_neuron_json(neurons:dict, # {group: {layer: [indices]}}
              for g, d in neurons.items()}
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(clean)))
 
+# %% ../nbs/04_detect.ipynb #be0031c0
 def read_neuron_json(path:str|Path # a neuron JSON file
                     ) -> dict:
     "Read and validate a neuron JSON: {group: {layer: [int, ...]}} with known groups and non-negative indices."
@@ -285,8 +304,10 @@ def load_model_for_detection(path:str|Path,     # local folder or Hub id
         proc = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
     return model.to(device).eval(), proc, is_vlm
 
+# %% ../nbs/04_detect.ipynb #3333f0bd
 def _tokenizer_of(proc): return getattr(proc, 'tokenizer', proc)
 
+# %% ../nbs/04_detect.ipynb #b834252a
 def _chat_text(proc, sample:dict, with_image:bool) -> str:
     prompt = strip_image_placeholders(sample['prompt'], proc) if with_image else sample['prompt']   # Geometry3K's '<image>'
     content = ([{'type': 'image'}] if with_image else []) + [{'type': 'text', 'text': prompt}]
@@ -303,6 +324,7 @@ def _chat_text(proc, sample:dict, with_image:bool) -> str:
     img = (getattr(proc, 'image_token', None) or '<image>') + '\n' if with_image else ''
     return f"{img}{prompt}" + (f"\n{sample['answer']}" if sample.get('answer') else '')
 
+# %% ../nbs/04_detect.ipynb #c6fe13bb
 def encode_batch(proc,              # processor (VLM) or tokenizer (text LLM)
                  samples:list[dict], # from `load_detection_samples`
                  is_vlm:bool,       # whether `proc` is a multimodal processor
@@ -369,6 +391,7 @@ def detection_paths(output_path:str|Path, base:str, task:str) -> tuple[Path, Pat
     name = Path(str(base).rstrip('/')).name or 'model'
     return Path(output_path)/f'{name}_{task}.json', Path(output_path)/f'{name}_{task}.scores.safetensors'
 
+# %% ../nbs/04_detect.ipynb #30923c56
 def detect_cli(argv:list|None=None # command-line arguments (after `vlm-merge detect`)
               ) -> int:
     "`vlm-merge detect`: detect the key neurons of `--base` and write the neuron JSON and raw scores."

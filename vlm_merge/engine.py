@@ -4,807 +4,26 @@
 
 # %% ../nbs/09_engine.ipynb #78bc19c5
 from __future__ import annotations
-import argparse, csv, gc, json, logging, math, os, re, struct, sys, time, warnings, zlib
-from collections import Counter
-from dataclasses import dataclass, field
+import csv, gc, json, logging, re, sys, time, warnings
 from pathlib import Path
-from typing import Any
 
-import torch, yaml
+import torch
 from tqdm.auto import tqdm
 
-from .anatomy import canonical_key, get_family, head_geometry, parse_key, UnknownFamilyError
-from .checkpoints import CheckpointReader, ShardedWriter, parse_size, resolve_model_path
-from .methods import MERGE_METHODS, merge_tensors, LoraAdapter, is_lora_adapter, check_params
+from .checkpoints import CheckpointReader, ShardedWriter, is_hub_ref, shown_ref
+from .methods import merge_tensors, kth_largest_bits   # kth_largest_bits: re-exported, it lived here
 from .sparsegpt import hessians, sparsegpt_importance, hinv_diagonal
+from .merge_config import *
+from .merge_config import _base_methods
+from .plan import *
+from .plan import _family, _canon_keys, _match_key
+from .streaming import *
+from .streaming import _finite, _kernel_ok
 
 # %% auto #0
-__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX_YAML_NODES', 'CHUNK_ELEMENTS',
-           'MergeConfigError', 'MergeRefused', 'to_dtype', 'lora_parts', 'safe_yaml', 'InputModel', 'MergeConfig',
-           'resolve_setting', 'merged_models', 'tensor_parameters', 'PlanItem', 'MergePlan', 'build_plan', 'RawReader',
-           'LoraReader', 'open_input', 'tensor_seed', 'kth_largest_bits', 'stream_task_arithmetic', 'merge_item',
-           'is_hub_ref', 'shown_ref', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
+__all__ = ['merge_item', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
 
-# %% ../nbs/09_engine.ipynb #1c7dc585
-class MergeConfigError(ValueError):
-    "A merge config that cannot be run: names the field at fault."
-
-class MergeRefused(ValueError):
-    "A merge refused before anything is written: shape mismatch, missing tensor, NaN/Inf, mismatched architectures."
-
-DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'float': torch.float32,
-          'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
-          'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16}
-
-def to_dtype(name:str|torch.dtype|None # 'bfloat16', 'bf16', 'float16', 'float32', ... or a torch.dtype
-            ) -> torch.dtype|None:
-    "The torch dtype named `name` (None stays None)."
-    if name is None or isinstance(name, torch.dtype): return name
-    key = str(name).replace('torch.', '').lower()
-    if key not in DTYPES: raise MergeConfigError(f"dtype: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[key]
-
-# %% ../nbs/09_engine.ipynb #0f073f68
-def lora_parts(ref:str # a model reference: a folder or Hub id, or mergekit's 'base+adapter'
-              ) -> tuple[str, str|None]:
-    "(base, adapter) of a LoRA reference 'base+adapter'; (ref, None) for a plain model."
-    if '+' not in ref or Path(ref).exists(): return ref, None
-    parts = ref.split('+')
-    if len(parts) != 2 or not all(parts):
-        raise MergeConfigError(f"{ref!r}: a LoRA reference is 'base+adapter', with exactly one '+'")
-    return parts[0], parts[1]
-
-def _path_of(x):
-    "A path from mergekit's ModelPath ({path: ..., revision: ...}) or a string."
-    return x.get('path') if isinstance(x, dict) else x
-
-def _model_ref(x, field:str) -> str:
-    "A model reference from a config value: 'path', 'base+adapter', {path, lora}, {model: {path}, lora: {path}}."
-    if isinstance(x, dict):   # mergekit's long forms
-        inner = x['model'] if 'model' in x else x.get('path')
-        base = _model_ref(inner, field) if isinstance(inner, dict) else inner
-        lora = _path_of(x.get('lora'))
-        if lora:
-            if not isinstance(lora, str): raise MergeConfigError(f'{field}.lora: expected an adapter folder or Hub id, got {lora!r}')
-            if not isinstance(base, str) or not base: raise MergeConfigError(f'{field}: the LoRA adapter {lora!r} needs a base `path`')
-            if lora_parts(base)[1] is not None: raise MergeConfigError(f'{field}: {base!r} already carries an adapter; one LoRA per model')
-            x = f'{base}+{lora}'
-        else: x = base
-    if not isinstance(x, str) or not x: raise MergeConfigError(f'{field}: expected a model path or Hub id, got {x!r}')
-    lora_parts(x)   # checks the 'base+adapter' form
-    return x
-
-def _bare_adapter(ref:str) -> bool:
-    "Whether `ref` is a local peft adapter folder on its own (adapter files, no model config)."
-    return lora_parts(ref)[1] is None and is_lora_adapter(ref) and not (Path(ref) / 'config.json').exists()
-
-def _with_base(ref:str, known:list, field:str) -> str:
-    "A bare adapter folder as 'base+adapter', its base from adapter_config.json (a model of the config or a local folder)."
-    if not _bare_adapter(ref): return ref
-    f = Path(ref) / 'adapter_config.json'
-    b = json.loads(f.read_text()).get('base_model_name_or_path')
-    if not b: raise MergeConfigError(f'{field}: {ref} is a LoRA adapter whose {f.name} names no base_model_name_or_path; write `model: BASE+{ref}`')
-    for k in known:   # the same model under the name the config uses
-        if k == b or (Path(k).exists() and Path(b).exists() and Path(k).resolve() == Path(b).resolve()): return f'{k}+{ref}'
-    if Path(b).is_dir(): return f'{b}+{ref}'
-    raise MergeConfigError(f'{field}: {ref} is a LoRA adapter of {b!r} ({f} base_model_name_or_path), which is neither a local '
-                           f'folder nor a model of this config; write `model: BASE+{ref}`')
-
-# %% ../nbs/09_engine.ipynb #ec5ff3bf
-SPARSEGPT_DEFAULTS = {'data': None, 'column': 'text', 'n_samples': 128, 'max_length': 512, 'hessian': 'self', 'kind': 'sparsegpt',
-                      'damp': 0.01, 'cache_dir': '~/.cache/vlm_merge/hessians', 'layers_per_pass': None, 'tokenizer': None,
-                      'dtype': 'float32'}
-_SPARSEGPT_PER_MODEL = ('data', 'column', 'n_samples', 'max_length', 'tokenizer')
-SPARSIFYING = ('ties', 'dare_ties', 'dare_linear', 'breadcrumbs', 'breadcrumbs_ties')   # the methods that drop task-vector entries
-
-def _ever_true(setting) -> bool:
-    "Whether a parameter setting (scalar, list, {filter, value} conditions) is true for some tensor."
-    if isinstance(setting, dict): setting = [setting]
-    if isinstance(setting, list): return any(_ever_true(c.get('value') if isinstance(c, dict) else c) for c in setting)
-    return bool(setting)
-
-def _sparsegpt_section(x, field:str, allowed) -> dict:
-    "A validated `sparsegpt:` mapping (errors name the field)."
-    if x is None: return {}
-    if not isinstance(x, dict): raise MergeConfigError(f'{field}: expected a mapping of {", ".join(allowed)}')
-    bad = set(x) - set(allowed)
-    if bad: raise MergeConfigError(f'{field}: unknown key(s) {sorted(bad)}; known: {", ".join(allowed)}')
-    for k in ('n_samples', 'max_length', 'layers_per_pass'):
-        v = x.get(k)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise MergeConfigError(f'{field}.{k}: expected a positive integer, got {v!r}')
-    if 'hessian' in x and x['hessian'] not in ('self', 'base'): raise MergeConfigError(f"{field}.hessian: expected 'self' or 'base', got {x['hessian']!r}")
-    if 'kind' in x and x['kind'] not in ('sparsegpt', 'obs', 'diag'):
-        raise MergeConfigError(f"{field}.kind: expected 'sparsegpt', 'obs' or 'diag', got {x['kind']!r}")
-    if 'damp' in x and (not isinstance(x['damp'], (int, float)) or not x['damp'] > 0): raise MergeConfigError(f"{field}.damp: expected a positive number, got {x['damp']!r}")
-    if x.get('data') is not None and not isinstance(x['data'], (str, list)):
-        raise MergeConfigError(f'{field}.data: expected a file or a list of samples, got {type(x["data"]).__name__}')
-    if 'dtype' in x: to_dtype(x['dtype'])
-    return dict(x)
-
-# %% ../nbs/09_engine.ipynb #af456865
-MAX_YAML_BYTES, MAX_YAML_NODES = 1_000_000, 100_000
-
-def _expanded_nodes(x, budget:list) -> None:
-    "Count the values of `x` as if every alias were written out; stop at the budget."
-    budget[0] -= 1
-    if budget[0] < 0: return
-    if isinstance(x, dict):
-        for k, v in x.items(): _expanded_nodes(k, budget); _expanded_nodes(v, budget)
-    elif isinstance(x, (list, tuple)):
-        for v in x: _expanded_nodes(v, budget)
-    elif isinstance(x, str): budget[0] -= len(x) // 1000
-
-def safe_yaml(text:str, # YAML text
-              src:str='config' # where it came from, for errors
-             ):
-    "`yaml.safe_load(text)`, refusing texts over `MAX_YAML_BYTES` and aliases that expand past `MAX_YAML_NODES` values."
-    if len(text.encode('utf-8', 'replace')) > MAX_YAML_BYTES:
-        raise MergeConfigError(f'{src}: a {len(text):,}-character config is over the {MAX_YAML_BYTES:,}-byte limit')
-    try: d = yaml.safe_load(text)
-    except yaml.YAMLError as e: raise MergeConfigError(f'{src}: not valid YAML: {e}') from None
-    budget = [MAX_YAML_NODES]; _expanded_nodes(d, budget)
-    if budget[0] < 0: raise MergeConfigError(f'{src}: its aliases expand to more than {MAX_YAML_NODES:,} values; write the config out plainly')
-    return d
-
-# %% ../nbs/09_engine.ipynb #198422df
-_MERGEKIT_KEYS = {'merge_method', 'base_model', 'models', 'slices', 'modules', 'parameters', 'dtype', 'out_dtype',
-                  'tokenizer_source', 'tokenizer', 'chat_template', 'name'}
-_OWN_KEYS = {'output_model', 'embeddings', 'merge_layers', 'allow_mismatched_architectures', 'seed', 'sparsegpt'}
-def _base_methods() -> set:
-    "Methods that need a base_model (the task-vector family) plus slerp, whose base is one end."
-    return {n for n, m in MERGE_METHODS.items() if m.needs_base} | {'slerp'}
-
-@dataclass
-class InputModel:
-    "One entry of `models:`: a model reference (local folder, Hub id or 'base+adapter') and its own parameters."
-    model: str   # local folder, Hub id, or 'base+adapter' (a LoRA adapter folded into its base)
-    parameters: dict = field(default_factory=dict)   # per-model settings (weight, density, ...)
-    sparsegpt: dict = field(default_factory=dict)    # this model's own calibration settings (data, column, n_samples, max_length, tokenizer)
-
-@dataclass
-class MergeConfig:
-    "A merge: mergekit's YAML keys plus vlm_merge's own (see the table above)."
-    merge_method: str   # a name in `MERGE_METHODS`
-    models: list        # list of `InputModel`
-    base_model: str|None = None   # the base of task-vector methods; one end of slerp
-    parameters: dict = field(default_factory=dict)   # global settings (normalize, lambda, t, ...; defaults of per-model ones)
-    dtype: str|None = None        # output dtype (mergekit: compute dtype)
-    out_dtype: str|None = None    # output dtype, wins over `dtype`
-    tokenizer_source: str|None = None   # None: output_model's; 'base'; or a model reference
-    chat_template: str|None = None      # a Jinja template written as chat_template.jinja
-    name: str|None = None               # a name for the model card
-    output_model: str|None = None       # layout/class/config/vision source (default: the VLM, else base, else first)
-    embeddings: str = 'auto'            # 'auto' | 'output' | 'merge'
-    merge_layers: list|None = None      # [[start, end), ...] layers merged; others copied from output_model
-    allow_mismatched_architectures: bool = False   # opt in to different text architectures
-    seed: int|None = None               # seed of random methods
-    sparsegpt: dict = field(default_factory=dict)   # calibration data and settings of `use_sparsegpt` (see SPARSEGPT_DEFAULTS)
-    raw: dict = field(default_factory=dict, repr=False)   # the dict it was read from (for the model card)
-
-    @classmethod
-    def from_dict(cls, d:dict # the parsed YAML
-                 ) -> MergeConfig:
-        "Validate a mergekit-style dict; errors name the field."
-        if not isinstance(d, dict): raise MergeConfigError(f'config: expected a mapping, got {type(d).__name__}')
-        unknown = set(d) - _MERGEKIT_KEYS - _OWN_KEYS
-        if unknown: raise MergeConfigError(f'config: unknown key(s) {sorted(unknown)}; known: {sorted(_MERGEKIT_KEYS | _OWN_KEYS)}')
-        for k, why in [('slices', "layer slices (frankenmerges) are not supported; use `models` with vlm_merge's `merge_layers`"),
-                       ('modules', 'per-module configs are not supported; use `models`'),
-                       ('tokenizer', 'the `tokenizer` section is not supported; use `tokenizer_source` (a model or "base")')]:
-            if d.get(k): raise MergeConfigError(f'{k}: {why}')
-        if 'merge_method' not in d: raise MergeConfigError('merge_method: missing; one of ' + ', '.join(sorted(MERGE_METHODS)))
-        if d.get('name') is not None and (not isinstance(d['name'], str) or len(d['name']) > 200 or '\n' in d['name']):
-            raise MergeConfigError(f"name: expected one line of text (at most 200 characters), got a {type(d['name']).__name__}")
-        method = str(d['merge_method'])
-        if method not in MERGE_METHODS:
-            raise MergeConfigError(f'merge_method: unknown method {method!r}; known: {", ".join(sorted(MERGE_METHODS))}')
-        if not d.get('models'): raise MergeConfigError('models: missing or empty; list the models to merge')
-        models = []
-        for i, m in enumerate(d['models']):
-            if isinstance(m, str): m = {'model': m}
-            if not isinstance(m, dict) or 'model' not in m: raise MergeConfigError(f'models[{i}]: expected a mapping with a `model` key')
-            extra = set(m) - {'model', 'parameters', 'sparsegpt'}
-            if extra: raise MergeConfigError(f'models[{i}]: unknown key(s) {sorted(extra)}')
-            ps = dict(m.get('parameters') or {})
-            if 'use_sparsegpt' in ps: raise MergeConfigError(f'models[{i}].parameters.use_sparsegpt: a global setting; put it under the top-level `parameters`')
-            models.append(InputModel(_model_ref(m['model'], f'models[{i}].model'), ps,
-                                     _sparsegpt_section(m.get('sparsegpt'), f'models[{i}].sparsegpt', _SPARSEGPT_PER_MODEL)))
-        base = _model_ref(d['base_model'], 'base_model') if d.get('base_model') else None
-        known = [r for r in [base] + [m.model for m in models] if r and not _bare_adapter(r)]
-        base = _with_base(base, known, 'base_model') if base else None
-        for i, m in enumerate(models): m.model = _with_base(m.model, known, f'models[{i}].model')
-        dup = [m.model for i, m in enumerate(models) if m.model in [x.model for x in models[:i]]]
-        if dup: raise MergeConfigError(f'models: {dup[0]!r} is listed twice')
-        if method in _base_methods() and base is None: raise MergeConfigError(f'base_model: {method} needs a base_model')
-        ts = d.get('tokenizer_source')
-        if ts == 'union': raise MergeConfigError("tokenizer_source: 'union' is not supported; name a model or 'base'")
-        emb = d.get('embeddings', 'auto')
-        if emb not in ('auto', 'output', 'merge'): raise MergeConfigError(f"embeddings: expected 'auto', 'output' or 'merge', got {emb!r}")
-        ml = d.get('merge_layers')
-        if ml is not None:
-            if ml and isinstance(ml[0], int): ml = [ml]
-            if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) for x in r) and r[0] <= r[1] for r in ml):
-                raise MergeConfigError(f'merge_layers: expected a list of [start, end) integer pairs, got {d["merge_layers"]!r}')
-            ml = [list(r) for r in ml]
-        for k in ('dtype', 'out_dtype'): to_dtype(d.get(k))
-        params = dict(d.get('parameters') or {})
-        sp = _sparsegpt_section(d.get('sparsegpt'), 'sparsegpt', tuple(SPARSEGPT_DEFAULTS))
-        if _ever_true(params.get('use_sparsegpt')):
-            if method not in SPARSIFYING:
-                raise MergeConfigError(f'parameters.use_sparsegpt: {method} drops no task-vector entry, so there is nothing to rank; '
-                                       f'use one of {", ".join(SPARSIFYING)}')
-            who = [base] if sp.get('hessian', 'self') == 'base' else [m.model for m in models if m.model != base]
-            for r in who:
-                own = next((m.sparsegpt for m in models if m.model == r), {})
-                if own.get('data') is None and sp.get('data') is None:
-                    raise MergeConfigError(f'sparsegpt.data: use_sparsegpt needs calibration data for the Hessians of {r} '
-                                           '(a .txt/.tsv/.jsonl file or a list of texts)')
-        out_ref = _with_base(_model_ref(d['output_model'], 'output_model'), known, 'output_model') if d.get('output_model') else None
-        return cls(merge_method=method, models=models, base_model=base, parameters=params,
-                   dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=d.get('chat_template'),
-                   name=d.get('name'), output_model=out_ref,
-                   embeddings=emb, merge_layers=ml, allow_mismatched_architectures=bool(d.get('allow_mismatched_architectures', False)),
-                   seed=d.get('seed'), sparsegpt=sp, raw=dict(d))
-
-    @classmethod
-    def from_yaml(cls, src:str|Path # a YAML file, or YAML text
-                 ) -> MergeConfig:
-        "Read a config from a YAML file (or a YAML string)."
-        text = Path(src).read_text() if '\n' not in str(src) and Path(src).exists() else str(src)
-        if '\n' not in str(src) and not Path(src).exists() and str(src).endswith(('.yml', '.yaml')):
-            raise MergeConfigError(f'{src}: no such config file')
-        return cls.from_dict(safe_yaml(text, str(src) if len(str(src)) < 200 else 'config'))
-
-    @property
-    def use_sparsegpt(self) -> bool:
-        "Whether `parameters.use_sparsegpt` is on for some tensor."
-        return _ever_true(self.parameters.get('use_sparsegpt'))
-
-    def sparsegpt_for(self, ref:str|None=None # a model reference; None: the global settings
-                     ) -> dict:
-        "The SparseGPT settings of the Hessians of `ref`: defaults, then the top-level `sparsegpt:`, then the model's own."
-        own = next((m.sparsegpt for m in self.models if m.model == ref), {}) if ref is not None else {}
-        return {**SPARSEGPT_DEFAULTS, **self.sparsegpt, **own}
-
-    @property
-    def non_base(self) -> list:
-        "The `models` entries other than the base model (mergekit lists the base among `models` too)."
-        return [m for m in self.models if m.model != self.base_model]
-
-    def to_yaml(self) -> str:
-        "The config as YAML (the dict it was read from, when there is one)."
-        d = self.raw or {'merge_method': self.merge_method, 'base_model': self.base_model,
-                         'models': [{'model': m.model, **({'parameters': m.parameters} if m.parameters else {})} for m in self.models],
-                         'parameters': self.parameters, 'dtype': self.dtype}
-        return yaml.safe_dump({k: v for k, v in d.items() if v is not None}, sort_keys=False)
-
-# %% ../nbs/09_engine.ipynb #816730be
-def resolve_setting(setting:Any, # a scalar, a gradient list, or a list of {filter, value} conditions
-                    tensor_name:str, # the output tensor's name (filters are substrings of it)
-                    t:float=0.0 # position of the tensor's layer in [0, 1]
-                   ) -> Any:
-    "The value of one parameter setting for one tensor (mergekit semantics)."
-    if isinstance(setting, dict): setting = [setting]
-    if isinstance(setting, (bool, str)) or setting is None: return setting
-    if isinstance(setting, (int, float)): return setting
-    if isinstance(setting, list):
-        if not setting: return None
-        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-            s = t * (len(setting) - 1); i0 = int(s); i1 = min(len(setting) - 1, i0 + 1); f = s - i0
-            return (1 - f) * setting[i0] + f * setting[i1]
-        if all(isinstance(e, (int, float, bool, str)) for e in setting): return setting[int(t * (len(setting) - 1))]
-        for c in setting:
-            if not isinstance(c, dict) or 'value' not in c: raise MergeConfigError(f'parameters: bad condition {c!r}; expected {{filter, value}}')
-            flt = c.get('filter')
-            if flt in (None, '*') or flt in tensor_name: return resolve_setting(c['value'], tensor_name, t)
-        return None
-    raise MergeConfigError(f'parameters: unexpected setting {setting!r}')
-
-def merged_models(config:MergeConfig) -> list:
-    "The `models` entries whose tensors are combined: all of them for linear, the non-base ones for methods with a base."
-    return config.non_base if config.merge_method in _base_methods() else list(config.models)
-
-def tensor_parameters(config:MergeConfig, # the merge
-                      tensor_name:str, # output tensor name
-                      t:float=0.0 # layer position in [0, 1]
-                     ) -> tuple[list, dict]:
-    "(per-model parameter dicts for `merged_models(config)`, global parameter dict) for one tensor."
-    glob = {k: v for k, v in ((k, resolve_setting(s, tensor_name, t)) for k, s in config.parameters.items()) if v is not None}
-    per = []
-    for m in merged_models(config):
-        p = dict(glob)
-        for k, s in m.parameters.items():
-            v = resolve_setting(s, tensor_name, t)
-            if v is not None: p[k] = v
-        per.append(p)
-    return per, glob
-
-# %% ../nbs/09_engine.ipynb #f6cb6043
-@dataclass
-class PlanItem:
-    "Where one output tensor comes from."
-    out_key: str          # the output tensor's name (output model's layout)
-    action: str           # 'copy' or 'merge'
-    src: dict             # model ref -> key in that model (one entry for a copy)
-    base_key: str|None = None   # the base model's key (task-vector methods, slerp)
-    t: float = 0.0        # layer position in [0, 1] (gradients)
-    shape: tuple = ()     # output shape
-    rows: int|None = None # merge only the first `rows` rows (vocabulary mismatch); the rest from the output model
-    canon: str|None = None  # the canonical language-model name ('layers.3.attn_q.weight'); None outside the language model
-
-@dataclass
-class MergePlan:
-    "The whole merge, decided before anything is read or written."
-    config: MergeConfig
-    readers: dict          # model ref -> CheckpointReader
-    output_model: str      # model ref whose layout/class/config the output takes
-    items: list            # list of `PlanItem`
-    warnings: list = field(default_factory=list)
-    raw: dict = field(default_factory=dict)   # model ref -> RawReader (pread, no memory map)
-    canonical: bool = True  # whether tensors were matched through the anatomy's canonical names
-    hessians: dict = field(default_factory=dict)        # model ref -> Hessians (`use_sparsegpt`), set by `input_hessians`
-    hessian_passes: dict = field(default_factory=dict)  # model ref -> forward passes run for them (0: read from the cache)
-    stats: Counter = field(default_factory=Counter)     # merged tensors ranked by 'sparsegpt' importance / by 'magnitude'
-    no_hessian: list = field(default_factory=list)      # decoder-layer weights that found no Hessian (ranked by magnitude, listed on the card)
-    hinv: dict = field(default_factory=dict)            # id(H) -> (H, damp, diag of H^-1): one factorisation per distinct Hessian
-
-    def counts(self) -> dict:
-        "How many tensors are copied and merged."
-        out = {'copy': 0, 'merge': 0}
-        for it in self.items: out[it.action] += 1
-        return out
-
-    def close(self):
-        for r in self.raw.values(): r.close()
-        for r in self.readers.values(): r.close()
-
-# %% ../nbs/09_engine.ipynb #7968aa1e
-_LAYER_RE = re.compile(r'(?:^|\.)layers\.(\d+)\.')
-
-def _family(cfg:dict):
-    if not cfg: return None
-    try: return get_family(cfg)
-    except UnknownFamilyError: return None
-
-def _text_cfg(cfg:dict) -> dict:
-    for k in ('text_config', 'llm_config', 'language_config'):
-        if isinstance(cfg.get(k), dict): return cfg[k]
-    return cfg
-
-def _text_type(cfg:dict) -> str|None:
-    "The text architecture: the (text) model_type, with a VLM's own text variant named as its text LLM ('qwen2_5_vl_text' -> 'qwen2')."
-    t = _text_cfg(cfg).get('model_type', cfg.get('model_type'))
-    return re.sub(r'(_\d+)?_vl(_text)?$', '', t) if isinstance(t, str) else t
-
-def _signature(cfg:dict) -> dict:
-    "What must agree between models whose language models are merged."
-    sig = {'text_model_type': _text_type(cfg)}
-    try:
-        g = head_geometry(cfg)
-        sig.update(hidden_size=g.hidden_size, n_layers=g.n_layers, n_heads=g.n_heads, n_kv_heads=g.n_kv_heads,
-                   head_dim=g.head_dim, intermediate_size=g.intermediate_size)
-    except Exception: pass
-    return sig
-
-def _is_vlm(cfg:dict) -> bool:
-    fam = _family(cfg)
-    if fam is not None: return getattr(fam, 'kind', 'text') == 'vlm'
-    return any(isinstance(cfg.get(k), dict) for k in ('vision_config', 'text_config'))
-
-def _canon_keys(keys, fam) -> dict:
-    "canonical language-model name -> key, for the keys of one model of family `fam` (empty when it is None)."
-    if fam is None: return {}
-    out = {}
-    for k in keys:
-        try: c = canonical_key(k, fam)
-        except Exception: c = None
-        if c is not None: out[c] = k
-    return out
-
-def _canon_map(reader) -> dict:
-    "canonical language-model name -> key, for one checkpoint (empty when its family is unknown)."
-    return _canon_keys(reader.keys(), _family(reader.config))
-
-def _layer_of(canon:str|None, key:str) -> int|None:
-    m = _LAYER_RE.search(canon or key)
-    return int(m.group(1)) if m else None
-
-def _in_ranges(layer:int|None, ranges:list|None) -> bool:
-    return ranges is None or layer is None or any(a <= layer < b for a, b in ranges)
-
-# %% ../nbs/09_engine.ipynb #aee873d0
-def _check_architectures(cfgs:dict, allow:bool, warn:list):
-    sigs = {ref: _signature(c) for ref, c in cfgs.items()}
-    ref0 = next(iter(sigs))
-    for ref, s in sigs.items():
-        diff = {k: (sigs[ref0].get(k), v) for k, v in s.items() if k in sigs[ref0] and sigs[ref0][k] != v}
-        if diff:
-            msg = (f'architectures do not match: {ref0} vs {ref}: ' + ', '.join(f'{k} {a} != {b}' for k, (a, b) in diff.items()))
-            if not allow: raise MergeRefused(msg + '; set `allow_mismatched_architectures: true` (or --allow-mismatched-architectures) to merge anyway')
-            warn.append(msg + ' (allowed by allow_mismatched_architectures)')
-    vlm_fams = {getattr(_family(c), 'name', None) for c in cfgs.values() if _is_vlm(c)}
-    if len(vlm_fams) > 1 and not allow:
-        raise MergeRefused(f'the VLMs are of different families {sorted(map(str, vlm_fams))}; set allow_mismatched_architectures to merge anyway')
-
-def build_plan(config:MergeConfig, # the merge
-               readers:dict|None=None, # model ref -> open CheckpointReader (opened here when None)
-               allow_mismatched_architectures:bool|None=None # overrides the config's opt-in when not None
-              ) -> MergePlan:
-    "Decide where every output tensor comes from; raise `MergeRefused` on anything that cannot be merged."
-    refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]
-                              + ([config.output_model] if config.output_model else []) +
-                              ([config.tokenizer_source] if config.tokenizer_source not in (None, 'base') else [])))
-    readers = dict(readers or {})
-    for r in refs:
-        if r not in readers: readers[r] = open_input(r)
-    allow = config.allow_mismatched_architectures if allow_mismatched_architectures is None else allow_mismatched_architectures
-    warn = []
-    merged_refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
-    cfgs = {r: readers[r].config for r in merged_refs}
-    _check_architectures(cfgs, allow, warn)
-    is_vlm = {r: _is_vlm(readers[r].config) for r in refs}
-    out_ref = config.output_model or next((r for r in merged_refs if is_vlm[r]), None) or config.base_model or config.models[0].model
-    mixed = len({is_vlm[r] for r in merged_refs}) > 1
-    emb_policy = config.embeddings if config.embeddings != 'auto' else ('output' if mixed else 'merge')
-    method = MERGE_METHODS[config.merge_method]
-    needs_base = config.merge_method in _base_methods()
-    if config.merge_method == 'slerp' and len(config.non_base) != 1:
-        raise MergeConfigError(f'models: slerp merges base_model with exactly one other model, got {len(config.non_base)}')
-    if not config.non_base: raise MergeConfigError('models: nothing to merge besides the base model')
-    canon = {r: _canon_map(readers[r]) for r in merged_refs + [out_ref]}
-    use_canon = all(canon[r] for r in canon)
-    if not use_canon and mixed: raise MergeRefused('cannot match a VLM with a text LLM: the family of ' +
-        ', '.join(r for r in canon if not canon[r]) + ' is unknown to vlm_merge.anatomy (register_family)')
-    inv_out = {k: c for c, k in canon[out_ref].items()} if use_canon else {}
-    out_r = readers[out_ref]
-    n_layers = _signature(out_r.config).get('n_layers')
-    if n_layers is None:
-        ls = [_layer_of(None, k) for k in out_r.keys()]; ls = [l for l in ls if l is not None]
-        n_layers = max(ls) + 1 if ls else 1
-    items = []
-    sources = ([config.base_model] if needs_base else []) + [m.model for m in merged_models(config)]
-    copied = []
-    for key in out_r.keys():
-        c = inv_out.get(key)
-        layer = _layer_of(c, key) if (c is not None or not use_canon) else None   # vision layers are not text layers
-        t = layer / (n_layers - 1) if (layer is not None and n_layers > 1) else 0.0
-        shape = tuple(out_r.shape(key))
-        info = None
-        if c is not None:
-            try: info = parse_key(key, _family(out_r.config))
-            except Exception: info = None
-        comp = getattr(info, 'component', None) or ('embed' if c and c.startswith('embed') else 'lm_head' if c and c.startswith('lm_head') else None)
-        is_emb = comp in ('embed', 'lm_head')
-        # where the same tensor lives in each source
-        src = {}
-        for r in sources:
-            if c is not None: k2 = canon[r].get(c)
-            else: k2 = key if key in readers[r] else None
-            src[r] = k2
-        nonfloat = [r for r, k2 in src.items() if k2 is not None and not readers[r].dtype(k2).is_floating_point]
-        if not out_r.dtype(key).is_floating_point or nonfloat:   # integer / bool tensors (ids, masks) are copied, never merged
-            copied.append(f'{key} ({out_r.dtype(key)}'.replace('torch.', '') + ''.join(f', {readers[r].dtype(src[r])} in {r}'.replace('torch.', '') for r in nonfloat) + ')')
-            items.append(PlanItem(key, 'copy', {out_ref: key}, t=t, shape=shape)); continue
-        copy = (c is None and any(v is None for v in src.values())   # vision tower / projector / other: from the output model
-                or (is_emb and emb_policy == 'output')
-                or (layer is not None and not _in_ranges(layer, config.merge_layers)))
-        if copy:
-            items.append(PlanItem(key, 'copy', {out_ref: key}, t=t, shape=shape)); continue
-        missing = [r for r, k2 in src.items() if k2 is None]
-        if missing:
-            raise MergeRefused(f'missing tensor: {key} (canonical {c}) has no counterpart in ' + ', '.join(
-                f'{r} ({readers[r].path})' for r in missing))
-        rows = None
-        for r, k2 in src.items():
-            s2 = tuple(readers[r].shape(k2))
-            if s2 == shape: continue
-            if is_emb and len(s2) == len(shape) and s2[1:] == shape[1:]:
-                rows = min(rows or shape[0], s2[0], shape[0]); continue
-            raise MergeRefused(f'shape mismatch: {key} is {shape} in {out_ref} but {k2} is {s2} in {r} ({readers[r].file_of(k2)})')
-        if rows is not None:
-            warn.append(f'vocabulary sizes differ for {key}: ' + ', '.join(f'{r}: {readers[r].shape(k2)[0]}' for r, k2 in src.items())
-                        + f'; merging the first {rows} rows, the rest from {out_ref}')
-        base_key = src.pop(config.base_model) if needs_base else None
-        per, glob = tensor_parameters(config, key, t)
-        for m, p in zip(merged_models(config), per):
-            miss = [r for r in method.required if r not in p]
-            if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
-        try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
-        except ValueError as e: raise MergeConfigError(str(e)) from None
-        items.append(PlanItem(key, 'merge', src, base_key=base_key, t=t, shape=shape, rows=rows, canon=c))
-    if copied: warn.append(f'{len(copied)} non-float tensor(s) copied from {out_ref}, not merged: ' + ', '.join(copied[:5]) + (' ...' if len(copied) > 5 else ''))
-    if config.sparsegpt and not config.use_sparsegpt:
-        warn.append('sparsegpt: calibration settings given but `parameters.use_sparsegpt` is not on; tensors are ranked by magnitude')
-    for w in warn: warnings.warn(w, stacklevel=2)
-    return MergePlan(config, readers, out_ref, items, warn, {r: rd if isinstance(rd, LoraReader) else RawReader(rd) for r, rd in readers.items()},
-                     canonical=use_canon)
-
-# %% ../nbs/09_engine.ipynb #0cab70ee
-class RawReader:
-    "Reads whole tensors or row ranges of a `CheckpointReader`'s safetensors files with `pread` (no memory map)."
-    def __init__(self, reader:CheckpointReader # the lazy reader whose files are read
-                ):
-        self.reader, self._hdr, self._fds = reader, {}, {}
-
-    def _header(self, f:Path):
-        if f not in self._hdr:
-            fd = os.open(f, os.O_RDONLY)
-            n = struct.unpack('<Q', os.pread(fd, 8, 0))[0]
-            self._hdr[f] = (8 + n, json.loads(os.pread(fd, n, 8))); self._fds[f] = fd
-        return self._hdr[f]
-
-    def get(self, key:str, # tensor name
-            start:int|None=None, # first row (dim 0) to read; None: the whole tensor
-            stop:int|None=None # row after the last
-           ) -> torch.Tensor:
-        "Tensor `key` (or its rows [start, stop)), in a buffer of its own."
-        r = self.reader
-        if r.format != 'safetensors':
-            t = r.get(key); return t if start is None else t[start:stop]
-        f = r.file_of(key); data0, hdr = self._header(f)
-        dt, shape = r.dtype(key), list(r.shape(key))
-        b, e = hdr[key]['data_offsets']
-        if start is not None and shape:
-            row = math.prod(shape[1:]) * torch.empty((), dtype=dt).element_size()
-            b, e, shape[0] = b + start * row, b + stop * row, stop - start
-        buf = torch.empty(e - b, dtype=torch.uint8)
-        mv, got = memoryview(buf.numpy()), 0
-        while got < e - b:
-            n = os.preadv(self._fds[f], [mv[got:]], data0 + b + got)
-            if n <= 0: raise MergeRefused(f"{f}: truncated while reading tensor '{key}'")
-            got += n
-        return buf.view(dt).view(shape)
-
-    def close(self):
-        for fd in self._fds.values(): os.close(fd)
-        self._fds.clear(); self._hdr.clear()
-
-# %% ../nbs/09_engine.ipynb #165c2568
-def _match_key(name:str, # a parameter name of a loaded model ('model.language_model.layers.0.self_attn.q_proj.weight')
-               keys:set, # the keys of the checkpoint (or model) to find it in
-               fam=None, # their anatomy family (None: no canonical matching)
-               canon:dict|None=None # canonical name -> key among `keys` (`_canon_keys`)
-              ) -> str|None:
-    "The key of `keys` holding parameter `name`: the same name, the same canonical name, or the one key ending with its longest matching suffix."
-    if name in keys: return name
-    if fam is not None and canon:
-        try: c = canonical_key(name, fam)
-        except Exception: c = None
-        if c is not None and c in canon: return canon[c]
-    parts = name.split('.')
-    for j in range(1, len(parts) - 1):
-        tail = '.'.join(parts[j:])
-        hits = [k for k in keys if k == tail or k.endswith('.' + tail)]
-        if len(hits) == 1: return hits[0]
-        if hits: return None   # ambiguous
-    return None
-
-class LoraReader:
-    "A base checkpoint with a peft LoRA adapter folded in, tensor by tensor: a `CheckpointReader` look-alike with `RawReader.get`'s row ranges."
-    format = 'lora'
-    def __init__(self, base:str, # the base model: a folder or Hub id
-                 adapter:str # the adapter: a folder with adapter_config.json and adapter_model.safetensors
-                ):
-        self.base, self.source = CheckpointReader(base), f'{base}+{adapter}'
-        try:
-            ap = Path(adapter).expanduser()
-            if not ap.exists():   # a Hub id: the adapter's files only
-                ap = resolve_model_path(adapter, allow_patterns=['adapter_config.json', 'adapter_model.safetensors', 'tokenizer*',
-                                                                 'special_tokens_map.json', 'vocab*', 'merges.txt'])
-            self.adapter = ad = LoraAdapter(ap)
-        except (FileNotFoundError, ValueError) as e: raise MergeRefused(f'LoRA adapter {adapter}: {e}') from None
-        if ad.extra:
-            raise MergeRefused(f'{ad.file}: {len(ad.extra)} tensor(s) are neither LoRA factors nor saved modules (e.g. '
-                               f'{ad.extra[0]!r}): an unsupported peft variant; merge the adapter into its base first')
-        self.config, self.path = self.base.config, self.base.path
-        keys, fam = set(self.base.keys()), _family(self.config)
-        canon = _canon_keys(keys, fam)
-        def where(k):
-            ck = _match_key(k, keys, fam, canon)
-            if ck is None: raise MergeRefused(f'{ad.file}: {k} matches no tensor of the base {base} ({self.base.path})')
-            return ck
-        self.targets = {where(k): k for k in ad.base_keys()}   # checkpoint key -> the adapter's name for it
-        self.saved = {where(k): k for k in ad.saved}
-        for ck, k in self.targets.items():
-            if tuple(ad.delta_shape(k)) != tuple(self.shape(ck)):
-                raise MergeRefused(f'{ad.file}: the LoRA delta of {k} is {tuple(ad.delta_shape(k))} but {ck} of {base} is {tuple(self.shape(ck))}')
-        self._raw, self._last = RawReader(self.base), (None, None)
-
-    def keys(self) -> list[str]: return self.base.keys()
-    def __contains__(self, key) -> bool: return key in self.base
-    def __len__(self) -> int: return len(self.base)
-    def __iter__(self): return iter(self.base)
-    def shape(self, key:str) -> torch.Size:
-        return torch.Size(self.adapter.saved_shape(self.saved[key])) if key in self.saved else self.base.shape(key)
-    def dtype(self, key:str) -> torch.dtype: return self.base.dtype(key)
-    def file_of(self, key:str) -> Path: return self.adapter.file if key in self.saved or key in self.targets else self.base.file_of(key)
-    @property
-    def tokenizer_path(self) -> Path:
-        "The adapter's folder when it ships a tokenizer (a resized vocabulary), else the base's."
-        return self.adapter.path if any(self.adapter.path.glob('tokenizer*')) else self.path
-
-    def _factors(self, k):
-        if self._last[0] != k: self._last = (k, self.adapter.factors(k))   # the stream asks for one tensor's rows many times
-        return self._last[1]
-
-    def get(self, key:str, # tensor name in the base checkpoint
-            start:int|None=None, # first row (dim 0); None: the whole tensor
-            stop:int|None=None # row after the last
-           ) -> torch.Tensor:
-        "Tensor `key` of the folded model (or its rows [start, stop)): base (or saved copy) + B @ A * scale in float32, in the base's dtype."
-        dt = self.base.dtype(key)
-        if key in self.saved:
-            x = self.adapter.saved_tensor(self.saved[key], start, stop).to(dt)
-        else: x = self._raw.get(key, start, stop)
-        if key in self.targets:
-            k = self.targets[key]
-            if start is None: d = self.adapter.delta(k)   # exactly what `LoraAdapter.fold` adds
-            else:
-                A, B, s, tr = self._factors(k)
-                d = (B.float() @ A[:, start:stop].float()).T * s if tr else (B[start:stop].float() @ A.float()) * s
-            x = (x.float() + d).to(dt)
-        return x
-
-    def close(self):
-        self._raw.close(); self.base.close()
-    def __repr__(self): return f'LoraReader({self.source!r}: {len(self.targets)} tensors with a LoRA delta, {len(self.saved)} replaced)'
-
-def open_input(ref:str # a model reference: folder, Hub id, or 'base+adapter'
-              ) -> CheckpointReader|LoraReader:
-    "A lazy reader of one input: a checkpoint, or a base with a LoRA adapter folded in."
-    base, adapter = lora_parts(ref)
-    return CheckpointReader(ref) if adapter is None else LoraReader(base, adapter)
-
-# %% ../nbs/09_engine.ipynb #f7d7f3dc
-def _finite(t:torch.Tensor, what:str, fast:bool=False):
-    "Refuse NaN/Inf in `t` (`what` names the tensor and model); `fast`: `t` is float32 and a finite sum proves it finite."
-    if not t.is_floating_point(): return
-    if fast and bool(torch.isfinite(t.sum())): return
-    if not bool(torch.isfinite(t).all()):
-        n = int((~torch.isfinite(t)).sum())
-        raise MergeRefused(f'NaN/Inf in input: {n} non-finite value(s) in {what}')
-
-def tensor_seed(seed:int|None, key:str) -> int|None:
-    "A per-tensor seed from the run's seed and the tensor name (order-independent)."
-    return None if seed is None else (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
-
-# %% ../nbs/09_engine.ipynb #efdb7d08
-CHUNK_ELEMENTS = 1 << 16   # elements per chunk of the streaming kernel (256 kB in float32: the temporaries stay in cache)
-
-def kth_largest_bits(chunks, # callable -> iterator of int32 bit views of non-negative finite float32 scores
-                     k:int, # rank from the top (1 = the largest)
-                     nnz:int|None=None # how many scores are nonzero, when the caller knows (saves a pass)
-                    ) -> tuple[int, int]:
-    "(bits of the k-th largest score, how many scores are strictly larger), by a two-pass radix select."
-    if nnz is None: nnz = sum(int(torch.count_nonzero(b)) for b in chunks())
-    if nnz < k: return 0, nnz           # the k-th largest is 0: every nonzero score is kept (common for sparse task vectors)
-    h, his = torch.zeros(1 << 15, dtype=torch.int64), []
-    for b in chunks():
-        hi = b >> 16
-        h += torch.bincount(hi.reshape(-1), minlength=1 << 15).cpu()
-        if his is not None:
-            his.append(hi)
-            if len(his) > 1: his = None  # several chunks: recompute in the second pass instead of keeping them all
-    cum = h.flip(0).cumsum(0)                       # cum[j]: scores whose top bits are >= 32767 - j
-    j = int(torch.searchsorted(cum, torch.tensor([k])))
-    top, above = (1 << 15) - 1 - j, (int(cum[j - 1]) if j else 0)
-    h2 = torch.zeros(1 << 16, dtype=torch.int64)
-    for c, b in enumerate(chunks()):
-        hi = his[c] if his else b >> 16
-        h2 += torch.bincount(b[hi == top] & 0xFFFF, minlength=1 << 16).cpu()
-    cum2 = h2.flip(0).cumsum(0)
-    j2 = int(torch.searchsorted(cum2, torch.tensor([k - above])))
-    return (top << 16) | ((1 << 16) - 1 - j2), above + (int(cum2[j2 - 1]) if j2 else 0)
-
-# %% ../nbs/09_engine.ipynb #c4508808
-_KERNEL = {'ties': ('magnitude', 'sum'), 'task_arithmetic': (None, None)}
-
-def _kernel_ok(cfg:MergeConfig, it:PlanItem, per:list, gp:dict) -> bool:
-    if cfg.merge_method not in _KERNEL or it.base_key is None or it.rows is not None: return False
-    if gp.get('rescale') or gp.get('compute_dtype') is not None or gp.get('tie_break', 'index') != 'index': return False
-    if gp.get('use_sparsegpt') or any('importance' in p for p in per): return False
-    return all('weight' in p for p in per)
-
-def stream_task_arithmetic(get, # get(i, start, stop) -> rows of input i (0 = base), any float dtype, on the device
-                           shape:tuple, # tensor shape
-                           method:str, # 'ties' or 'task_arithmetic'
-                           per:list, # per-model parameters (weight, density)
-                           gp:dict, # global parameters (normalize, lambda)
-                           out_dtype:torch.dtype, # output dtype
-                           name:str='<tensor>', # for errors
-                           chunk:int=CHUNK_ELEMENTS, # elements per chunk
-                           labels:list|None=None # input names for NaN/Inf errors (default: 'input i')
-                          ) -> torch.Tensor:
-    "Task arithmetic / TIES of one tensor in row chunks; the same float32 arithmetic as `merge_tensors`, bit for bit."
-    m = MERGE_METHODS[method]
-    gp = {**m.global_defaults, **gp}; per = [{**m.tensor_defaults, **p} for p in per]
-    sparsification, consensus = _KERNEL[method]
-    n = math.prod(shape); N = len(per)
-    labels = labels or [f'{name} (input {i})' for i in range(N + 1)]
-    rows = shape[0] if len(shape) else 1
-    step = max(1, chunk // max(1, n // max(rows, 1)))
-    ranges = [(a, min(a + step, rows)) for a in range(0, rows, step)] if len(shape) else [(None, None)]
-    single, cache = len(ranges) == 1, {}
-    def load(a, b):
-        "raw inputs, float32 inputs, deltas and |delta| bits of one chunk (kept when the tensor is one chunk)"
-        if (a, b) in cache: return cache[(a, b)]
-        raw = [get(i, a, b) for i in range(N + 1)]
-        v = [t.float() for t in raw]
-        for x, lab in zip(v, labels): _finite(x, lab, fast=True)
-        ds = [x - v[0] for x in v[1:]]
-        r = (raw, v, ds, [d.abs().view(torch.int32) for d in ds] if sparsification and single else None)
-        if single: cache[(a, b)] = r
-        return r
-    w = [float(p['weight']) for p in per]
-    wt = torch.tensor(w, dtype=torch.float32)
-    thr, need = [None] * N, [0] * N
-    if sparsification == 'magnitude':
-        for i, p in enumerate(per):
-            dens = float(p.get('density', 1.0))
-            if dens >= 1: continue
-            k = int(dens * n)
-            if k <= 0:
-                if all(torch.equal(get(j, a, b), get(0, a, b)) for a, b in ranges for j in range(1, N + 1)):
-                    return torch.cat([get(0, a, b).reshape(-1) for a, b in ranges]).view(shape).to(out_dtype)   # identical inputs
-                raise MergeRefused(f'{name}: density {dens} keeps no entry of a tensor of {n} elements')
-            if k >= n: continue
-            # nonzero deltas, counted on the stored values (x != base exactly when x - base != 0 in float32)
-            nnz = sum(int(torch.count_nonzero(get(i + 1, a, b) != get(0, a, b))) for a, b in ranges)
-            if nnz < k: thr[i], need[i] = 0, 0; continue   # every nonzero delta is kept: no trimming at all
-            def bits(i=i):
-                for a, b in ranges:
-                    if single: yield load(a, b)[3][i].reshape(-1); continue
-                    x0, x1 = get(0, a, b).float(), get(i + 1, a, b).float()   # only the base and model i
-                    _finite(x0, labels[0], fast=True); _finite(x1, labels[i + 1], fast=True)
-                    yield x1.sub_(x0).abs_().view(torch.int32).reshape(-1)
-            thr[i], gt = kth_largest_bits(bits, k, nnz)
-            need[i] = k - gt
-    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
-    out = None
-    for a, b in ranges:
-        raw, v, ds, sbs = load(a, b)
-        base = v[0]
-        if out is None: out = torch.empty(shape, dtype=out_dtype, device=base.device)
-        dst = out[a:b] if len(shape) else out
-        if all(t.dtype == raw[0].dtype and torch.equal(t, raw[0]) for t in raw[1:]):
-            dst.copy_(raw[0].to(out_dtype)); continue          # identical inputs: pass through, bit for bit
-        wd_ = wt.to(base.device)
-        wds = []
-        for i in range(N):
-            d = ds[i]
-            if thr[i]:   # (a zero threshold keeps every nonzero delta: d * mask == d, zeros included)
-                sb = sbs[i] if sbs is not None else d.abs().view(torch.int32)
-                mask = sb > thr[i]
-                if need[i] > 0:
-                    eq = (sb == thr[i]).reshape(-1)
-                    take = eq & (eq.cumsum(0) <= need[i])
-                    need[i] -= int(take.sum())
-                    mask |= take.view(mask.shape)
-                d = d * mask.to(d.dtype)
-            wds.append(d * wd_[i])
-        if consensus:
-            tot = wds[0]
-            for x in wds[1:]: tot = tot + x
-            maj = (tot >= 0).to(base.dtype) * 2 - 1
-            masks = [(x.sign() == maj).to(base.dtype) for x in wds]
-            mixed, div = wds[0] * masks[0], wd_[0] * masks[0]
-            for x, mk, wi in zip(wds[1:], masks[1:], wd_[1:]): mixed, div = mixed + x * mk, div + wi * mk
-            div[div == 0] = 1
-        else:
-            mixed = wds[0]
-            for x in wds[1:]: mixed = mixed + x
-            div = wd_.sum(dim=0)
-            div[div.abs() < 1e-8] = 1
-        if gp.get('normalize', False): mixed = mixed / div
-        if lam != 1.0: mixed = mixed * lam
-        res = base + mixed
-        if not bool(torch.isfinite(res.sum())) and not bool(torch.isfinite(res).all()):
-            raise MergeRefused(f'{name}: the merge produced NaN or Inf')
-        dst.copy_(res.to(out_dtype))
-    return out
-
-# %% ../nbs/09_engine.ipynb #37161d67
+# %% ../nbs/09_engine.ipynb #8e1cb072
 def merge_item(plan:MergePlan, # the plan
                it:PlanItem, # one output tensor
                device:str='cpu', # where the arithmetic runs
@@ -813,10 +32,10 @@ def merge_item(plan:MergePlan, # the plan
                kernel:bool=True # use the streaming kernel for task arithmetic / TIES
               ) -> torch.Tensor:
     "Read, check, merge and cast one output tensor (on the CPU, ready to write)."
-    cfg, R = plan.config, plan.raw
+    cfg, R = plan.config, plan.readers
     if it.action == 'copy':
         (ref, key), = it.src.items()
-        x = R[ref].get(key)
+        x = R[ref].read_rows(key)
         _finite(x, f'{key} of {ref}')
         return x if out_dtype is None or not x.is_floating_point() else x.to(out_dtype)
     out_ref = plan.output_model
@@ -828,12 +47,12 @@ def merge_item(plan:MergePlan, # the plan
         Hs = _item_hessians(plan, it)   # None: no Hessian for this tensor, ranked by magnitude
         plan.stats['sparsegpt' if Hs is not None else 'magnitude'] += 1
     if Hs is None and kernel and _kernel_ok(cfg, it, per, glob):
-        get = lambda i, a, b: R[refs[i][0]].get(refs[i][1], a, b).to(device)
+        get = lambda i, a, b: R[refs[i][0]].read_rows(refs[i][1], a, b).to(device)
         return stream_task_arithmetic(get, it.shape, cfg.merge_method, per, glob, dt, name=it.out_key,
                                       chunk=CHUNK_ELEMENTS if torch.device(device).type == 'cpu' else 1 << 24,   # GPU: few big launches
                                       labels=[f'{k} of {r}' for r, k in refs]).to('cpu')
     def get(ref, key):
-        x = R[ref].get(key).to(device)
+        x = R[ref].read_rows(key).to(device)
         _finite(x, f'{key} of {ref}')
         return x[:it.rows] if it.rows is not None else x
     xs = [get(r, k) for r, k in refs]
@@ -849,75 +68,18 @@ def merge_item(plan:MergePlan, # the plan
     try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key), importance=imp).to(dt)
     except (ValueError, TypeError) as e: raise MergeRefused(f'{it.out_key}: {e}') from None
     if it.rows is not None and it.rows < it.shape[0]:
-        out = torch.cat([out.to('cpu'), R[out_ref].get(it.out_key, it.rows, it.shape[0]).to(dt)])
+        out = torch.cat([out.to('cpu'), R[out_ref].read_rows(it.out_key, it.rows, it.shape[0]).to(dt)])
     return out.to('cpu')
 
-# %% ../nbs/09_engine.ipynb #b1d6422f
-def is_hub_ref(x:str) -> bool:
-    "Whether model reference `x` names a Hub repo: not a local path (existing or path-like) and not a zoo model."
-    from vlm_merge.checkpoints import _zoo_names
-    s = str(x)
-    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists() or s in _zoo_names(): return False
-    return re.fullmatch(r'[A-Za-z0-9][\w.-]*(/[\w.-]+)?', s) is not None
-
-def shown_ref(x:str) -> str:
-    "How a card names model reference `x`: a Hub id as it is, a local folder by its name only (no machine paths)."
-    return str(x) if is_hub_ref(x) else Path(str(x).rstrip('/')).name
-
-# %% ../nbs/09_engine.ipynb #970935a0
-def _sparsegpt_card(config:MergeConfig, plan:MergePlan|None) -> list:
-    "The model card's lines on `use_sparsegpt`: settings, whose Hessians, how many tensors by importance and by magnitude."
-    sp = config.sparsegpt_for()
-    data = lambda d: f'`{d}`' if isinstance(d, (str, Path)) else f'{len(d)} samples given in the config'
-    who = ("each merged model's own Hessian (`hessian: self`)" if sp['hessian'] == 'self'
-           else f"the Hessian of the base model `{config.base_model}` (`hessian: base`)")
-    out = [f'Task-vector entries were kept by SparseGPT importance (`kind: {sp["kind"]}`, damp {sp["damp"]:g}) instead of magnitude, '
-           f'scored with {who}, from the calibration data {data(sp["data"]) if sp["data"] is not None else "given per model"} '
-           f'(at most {sp["n_samples"]} samples of at most {sp["max_length"]} tokens).']
-    out += [f'- `{m.model}` calibrated on {data(m.sparsegpt["data"])}' for m in config.models if m.sparsegpt.get('data') is not None]
-    if plan is not None:
-        st = plan.stats
-        nh = plan.no_hessian
-        out += ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} merged '
-                f'tensors by magnitude: {st["magnitude"] - len(nh)} that have no Hessian (norms, biases, embeddings, lm_head, vision tower)'
-                + (f', and **{len(nh)} linear weights of decoder layers for which no Hessian was found**: '
-                   + ', '.join(f'`{k}`' for k in nh[:8]) + (' ...' if len(nh) > 8 else '') if nh else '') + '.']
-        if st['hinv_factorised']:
-            out += ['', f"Inverse-Hessian diagonals: {st['hinv_factorised']} factorised, {st['hinv_reused']} reused (weights that read the same input share one)."]
-        if plan.hessian_passes:
-            out += ['', 'Hessians: ' + '; '.join(f'`{r}` ' + ('read from the cache' if n == 0 else f'computed ({n} forward passes)')
-                                               for r, n in plan.hessian_passes.items()) + '.']
-    return out
-
+# %% ../nbs/09_engine.ipynb #0cab70ee
 def card_text(config:MergeConfig, # the merge
-              plan:MergePlan|None=None, # adds the copy/merge counts and warnings when given
-              ) -> str:
-    "A minimal model card (README.md): YAML front matter, sources (LoRA adapters named), method, SparseGPT, parameters."
-    refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
-    ids = list(dict.fromkeys(x for r in refs for x in lora_parts(r) if x))   # a LoRA input: its base and its adapter
-    tags = ['merge', 'vlm_merge', config.merge_method] + (['lora'] if any(lora_parts(r)[1] for r in refs) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
-    front = {'base_model': [x for x in ids if is_hub_ref(x)], 'tags': tags, 'library_name': 'transformers'}
-    lines = ['---', yaml.safe_dump(front, sort_keys=False).strip(), '---', '',
-             f'# {config.name or "merged model"}', '',
-             f'This model was merged with [vlm_merge](https://github.com/vlm-merge/vlm_merge) using the **{config.merge_method}** method'
-             + (f' with `{shown_ref(config.base_model)}` as the base.' if config.base_model else '.'), '', '## Sources', '']
-    for r in refs:
-        base, ad = lora_parts(r)
-        line = f'- `{shown_ref(r)}`' if ad is None else f'- `{shown_ref(ad)}`: a LoRA adapter folded into `{shown_ref(base)}` tensor by tensor'
-        rd = plan.readers.get(r) if plan is not None else None
-        if isinstance(rd, LoraReader):
-            a = rd.adapter
-            line += (f' (r={a.r}, alpha={a.alpha:g}{", rsLoRA" if a.use_rslora else ""}; {len(rd.targets)} tensors with a delta'
-                     + (f', {len(rd.saved)} replaced by the adapter\'s saved modules' if rd.saved else '') + ')')
-        lines.append(line + (' (base)' if r == config.base_model else ''))
-    if plan is not None:
-        c = plan.counts()
-        lines += ['', f'Output layout, config and non-language tensors from `{shown_ref(plan.output_model)}`; '
-                  f'{c["merge"]} tensors merged, {c["copy"]} copied.']
-    if config.use_sparsegpt: lines += ['', '## SparseGPT importance', ''] + _sparsegpt_card(config, plan)
-    if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
-    lines += ['', '## Configuration', '', '```yaml', config.to_yaml().strip(), '```', '']
-    return '\n'.join(lines)
+              plan:MergePlan|None=None, # adds the inputs as read, the copy/merge counts, SparseGPT statistics and warnings
+              repo_id:str|None=None, # the name the card's usage snippet loads (default: 'path/to/merged-model')
+             ) -> str:
+    "The model card (README.md) of a merge: `hub.make_model_card` given the config and the plan, as text."
+    from vlm_merge.hub import make_model_card, _card_text
+    cfg = plan.readers[plan.output_model].config if plan is not None else None
+    return _card_text(make_model_card(config, plan=plan, model_name=config.name, repo_id=repo_id, model_config=cfg))
 
 # %% ../nbs/09_engine.ipynb #7be165c8
 def _libc_trim():
@@ -941,6 +103,7 @@ def _out_config(plan:MergePlan, dt:torch.dtype|None) -> dict:
                     if dk in cfg[k]: cfg[k][dk] = name
     return cfg
 
+# %% ../nbs/09_engine.ipynb #512b02ea
 def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YAML file/text
               out_dir:str|Path, # output folder (must not exist or be empty, unless overwrite)
               device:str='cpu', # 'cpu' or 'cuda': where the arithmetic runs
@@ -982,7 +145,7 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
                 if toks: w.copy_aux(src, files=toks)
             if config.chat_template: w.write_text('chat_template.jinja', config.chat_template)
             if plan.readers[plan.output_model].config: w.write_json('config.json', _out_config(plan, dt))
-            w.write_text('README.md', card_text(config, plan))
+            w.write_text('README.md', card_text(config, plan, repo_id=Path(out_dir).name))
             w.write_text('mergekit_config.yml', config.to_yaml())
         if config.use_sparsegpt:
             msg = (f'use_sparsegpt: {plan.stats["sparsegpt"]} tensors ranked by SparseGPT importance, {plan.stats["magnitude"]} by magnitude '
@@ -1070,6 +233,7 @@ def _hessian_model(reader, # the input's reader (`CheckpointReader` or `LoraRead
     except Exception: tok = None
     return model, tok
 
+# %% ../nbs/09_engine.ipynb #17cd348a
 def input_hessians(plan:MergePlan, # the plan of a merge with `use_sparsegpt`
                    device:str='cpu', # where the forward passes run
                    progress:bool=True # progress bars
@@ -1108,6 +272,7 @@ def _hessian_for(store, key:str):
     n = module_for_key(store, key)
     return None if n is None else (store[n], False)
 
+# %% ../nbs/09_engine.ipynb #538aa2c0
 def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     "`hinv_diagonal(H)`, factorised once per distinct Hessian object (q/k/v and gate/up share one; `hessian: base` shares one across models)."
     hit = plan.hinv.get(id(H))
@@ -1116,6 +281,7 @@ def _hinv(plan:MergePlan, H:torch.Tensor, damp:float, device) -> torch.Tensor:
     d = hinv_diagonal(H, damp, device); plan.hinv[id(H)] = (H, damp, d); plan.stats['hinv_factorised'] += 1   # keeps H alive: its id stays unique
     return d
 
+# %% ../nbs/09_engine.ipynb #835d929c
 def _item_hessians(plan:MergePlan, it:PlanItem) -> list|None:
     "(Hessian, transposed) scoring each merged model's task vector of `it` (a linear weight of a language-model layer); None: rank by magnitude."
     if it.base_key is None or it.rows is not None or len(it.shape) != 2 or not it.out_key.endswith('.weight'): return None

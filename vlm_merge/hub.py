@@ -68,6 +68,7 @@ METHOD_CITATIONS = [
 def _method_words(method:str) -> set:
     return set(w for w in re.split(r'[^a-z0-9]+', str(method).lower()) if w)
 
+# %% ../nbs/14_hub.ipynb #e171a121
 def citations_for(method:str # a merge method name: 'ties', 'dare_ties', 'task_arithmetic', 'adamms', 'neuron_mean', ...
                  ) -> list[dict]:
     "The papers behind `method` (each a dict with `key`, `title`, `authors`, `year`, `arxiv`, ...), then vlm_merge itself."
@@ -99,6 +100,7 @@ def _as_dict(obj) -> dict:
     if dataclasses.is_dataclass(obj): return dataclasses.asdict(obj)
     raise TypeError(f'expected a config dict, a PretrainedConfig or a dataclass, got {type(obj).__name__}')
 
+# %% ../nbs/14_hub.ipynb #07a26759
 def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfig
                  ) -> bool:
     "True when `config` describes a vision-language model (image-text-to-text), False for a text LLM."
@@ -115,6 +117,7 @@ def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfi
     visionish = any(('vision' in k) or k.startswith('image_') or k.startswith('mm_') for k in cfg)
     return visionish and any(a.endswith('ForConditionalGeneration') for a in archs)
 
+# %% ../nbs/14_hub.ipynb #0fc3091c
 def pipeline_tag_for(config) -> str:
     "The Hub pipeline tag of a model config: 'image-text-to-text' for a VLM, else 'text-generation'."
     return 'image-text-to-text' if is_vlm_config(config) else 'text-generation'
@@ -161,6 +164,7 @@ def _fmt(v) -> str:
     if isinstance(v, int): return str(v)
     return f'{float(v):.4g}'
 
+# %% ../nbs/14_hub.ipynb #228776b7
 def scores_table(scores # {task: accuracy}, {task: {metric: value}}, or a pandas DataFrame
                 ) -> tuple[list[str], list[list]]:
     "Normalise `scores` to (header, rows): header[0] is 'task', each row is [task, value, ...]."
@@ -186,6 +190,7 @@ def scores_table(scores # {task: accuracy}, {task: {metric: value}}, or a pandas
             if hasattr(v, 'item'): r[i] = v.item()   # numpy / torch scalars -> Python numbers
     return ['task'] + cols, rows
 
+# %% ../nbs/14_hub.ipynb #cf3b8732
 def _md_table(header, rows) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|']
     return '\n'.join(lines + ['| ' + ' | '.join([r[0]] + [_fmt(v) for v in r[1:]]) + ' |' for r in rows])
@@ -196,6 +201,7 @@ MERGE_CONFIG_FILES = ('mergekit_config.yml', 'mergekit_config.yaml', 'merge_conf
 
 def _is_merge_config(d:dict) -> bool: return isinstance(d, dict) and ('merge_method' in d or 'models' in d and 'model_type' not in d)
 
+# %% ../nbs/14_hub.ipynb #1e0a67ae
 def sources_of(merge_config:dict # mergekit-style: base_model, models[{model, parameters}], slices, ...
               ) -> list[str]:
     "The source models named in a merge config, base model first, each once."
@@ -214,6 +220,7 @@ def sources_of(merge_config:dict # mergekit-style: base_model, models[{model, pa
         for src in s.get('sources') or []: add(src)
     return out
 
+# %% ../nbs/14_hub.ipynb #9937578e
 def _read_folder(folder:Path) -> tuple[dict, dict|None]:
     "(model config, merge config or None) of a merged folder."
     if not folder.is_dir(): raise FileNotFoundError(f'{folder}: not a folder')
@@ -229,6 +236,7 @@ def _read_folder(folder:Path) -> tuple[dict, dict|None]:
             return cfg, mc
     return cfg, None
 
+# %% ../nbs/14_hub.ipynb #e4346c21
 def _plain(o):
     "Make `o` YAML-safe: tuples -> lists, Paths -> str, tensors / numpy scalars -> Python numbers."
     if isinstance(o, dict): return {str(k): _plain(v) for k, v in o.items()}
@@ -241,23 +249,108 @@ def _plain(o):
 
 # %% ../nbs/14_hub.ipynb #64928517
 def _is_hub_id(s:str) -> bool:
+    "Whether `s` is a Hub repo id: not a local reference (`checkpoints._local_ref`), and valid for huggingface_hub."
     s = str(s)
-    if s.startswith(('/', '.', '~', 'zoo:')) or '\\' in s or Path(s).expanduser().exists(): return False
-    from vlm_merge.checkpoints import _zoo_names
-    if s in _zoo_names(): return False
+    from vlm_merge.checkpoints import _local_ref
+    if _local_ref(s): return False
     try: validate_repo_id(s); return True
     except HFValidationError: return False
 
+# %% ../nbs/14_hub.ipynb #6834b3a2
 def _local_license(src:str) -> str|None:
     readme = Path(str(src)).expanduser()/'README.md'
     if not readme.exists(): return None
     try: return ModelCard(readme.read_text(encoding='utf-8')).data.to_dict().get('license')
     except Exception: return None
 
+# %% ../nbs/14_hub.ipynb #590a3220
 def agreed_license(sources:list[str]) -> str|None:
     "The licence all `sources` share, read from their local cards; None when any is unknown or they differ."
     lic = [_local_license(s) for s in sources]
     return lic[0] if lic and all(l is not None for l in lic) and len(set(lic)) == 1 else None
+
+# %% ../nbs/14_hub.ipynb #30969a7c
+def _source_md(s:str) -> str:
+    "A source as a card lists it: a Hub id linked to its page, a local folder by its name only."
+    return f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
+
+# %% ../nbs/14_hub.ipynb #ba9db5f7
+def _engine_refs(config) -> list:
+    "The inputs of an engine merge, base model first, each once ('base+adapter' for a LoRA input)."
+    return list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
+
+# %% ../nbs/14_hub.ipynb #dbe19a3a
+def _engine_sources(config) -> list:
+    "The source models of an engine merge: a LoRA input gives its base and its adapter."
+    from vlm_merge.merge_config import lora_parts
+    return list(dict.fromkeys(x for r in _engine_refs(config) for x in lora_parts(r) if x))
+
+# %% ../nbs/14_hub.ipynb #7671c2af
+def _engine_tags(config) -> list:
+    "Tags of an engine merge beyond the method: 'lora' with a LoRA input, 'sparsegpt' with `use_sparsegpt`."
+    from vlm_merge.merge_config import lora_parts
+    return (['lora'] if any(lora_parts(r)[1] for r in _engine_refs(config)) else []) + (['sparsegpt'] if config.use_sparsegpt else [])
+
+# %% ../nbs/14_hub.ipynb #26657082
+def _lora_md(ref:str, reader) -> str:
+    "How the card lists input `ref`: a plain source, or a LoRA adapter folded into its base (with its rank when the plan read it)."
+    from vlm_merge.checkpoints import shown_ref
+    from vlm_merge.merge_config import lora_parts
+    base, ad = lora_parts(ref)
+    if ad is None: return _source_md(ref)
+    line = f'- `{shown_ref(ad)}`: a LoRA adapter folded into `{shown_ref(base)}` tensor by tensor'
+    a = getattr(reader, 'adapter', None)   # the engine's LoraReader
+    if a is not None:
+        line += (f' (r={a.r}, alpha={a.alpha:g}{", rsLoRA" if a.use_rslora else ""}; {len(reader.targets)} tensors with a delta'
+                 + (f', {len(reader.saved)} replaced by the adapter\'s saved modules' if reader.saved else '') + ')')
+    return line
+
+# %% ../nbs/14_hub.ipynb #f302c060
+def _engine_sources_md(config, plan=None) -> str:
+    "The card's Sources of an engine merge: each input as the engine read it, the base marked."
+    rd = lambda r: plan.readers.get(r) if plan is not None else None
+    return '\n'.join(_lora_md(r, rd(r)) + (' (base)' if r == config.base_model else '') for r in _engine_refs(config))
+
+# %% ../nbs/14_hub.ipynb #ad69ede7
+def _sparsegpt_settings_md(config) -> list:
+    "The card's lines on `use_sparsegpt`'s settings: the score, whose Hessians, the calibration data."
+    sp = config.sparsegpt_for()
+    data = lambda d: f'`{d}`' if isinstance(d, (str, Path)) else f'{len(d)} samples given in the config'
+    who = ("each merged model's own Hessian (`hessian: self`)" if sp['hessian'] == 'self'
+           else f"the Hessian of the base model `{config.base_model}` (`hessian: base`)")
+    out = [f'Task-vector entries were kept by SparseGPT importance (`kind: {sp["kind"]}`, damp {sp["damp"]:g}) instead of magnitude, '
+           f'scored with {who}, from the calibration data {data(sp["data"]) if sp["data"] is not None else "given per model"} '
+           f'(at most {sp["n_samples"]} samples of at most {sp["max_length"]} tokens).']
+    return out + [f'- `{m.model}` calibrated on {data(m.sparsegpt["data"])}' for m in config.models if m.sparsegpt.get('data') is not None]
+
+# %% ../nbs/14_hub.ipynb #158c0bdc
+def _sparsegpt_stats_md(plan) -> list:
+    "The card's lines on what `use_sparsegpt` did in a run: tensors by importance and by magnitude, factorisations, Hessian passes."
+    st, nh = plan.stats, plan.no_hessian
+    out = ['', f'{st["sparsegpt"]} merged linear weights of the decoder layers were ranked by importance; {st["magnitude"]} merged '
+           f'tensors by magnitude: {st["magnitude"] - len(nh)} that have no Hessian (norms, biases, embeddings, lm_head, vision tower)'
+           + (f', and **{len(nh)} linear weights of decoder layers for which no Hessian was found**: '
+              + ', '.join(f'`{k}`' for k in nh[:8]) + (' ...' if len(nh) > 8 else '') if nh else '') + '.']
+    if st['hinv_factorised']:
+        out += ['', f"Inverse-Hessian diagonals: {st['hinv_factorised']} factorised, {st['hinv_reused']} reused (weights that read the same input share one)."]
+    if plan.hessian_passes:
+        out += ['', 'Hessians: ' + '; '.join(f'`{r}` ' + ('read from the cache' if n == 0 else f'computed ({n} forward passes)')
+                                           for r, n in plan.hessian_passes.items()) + '.']
+    return out
+
+# %% ../nbs/14_hub.ipynb #be2bed31
+def _engine_details_md(config, plan=None) -> str:
+    "The card's lines after the sources of an engine merge: the output's layout, SparseGPT, warnings."
+    from vlm_merge.checkpoints import shown_ref
+    lines = []
+    if plan is not None:
+        c = plan.counts()
+        lines += [f'Output layout, config and non-language tensors from `{shown_ref(plan.output_model)}`; '
+                  f'{c["merge"]} tensors merged, {c["copy"]} copied.']
+    if config.use_sparsegpt:
+        lines += ['', '## SparseGPT importance', ''] + _sparsegpt_settings_md(config) + (_sparsegpt_stats_md(plan) if plan is not None else [])
+    if plan is not None and plan.warnings: lines += ['', '## Warnings', ''] + [f'- {w}' for w in plan.warnings]
+    return '\n'.join(lines).strip('\n')
 
 # %% ../nbs/14_hub.ipynb #8a389442
 CARD_TEMPLATE = '''---
@@ -275,7 +368,9 @@ It is {{ kind }}.
 ## Sources
 
 {{ sources_md }}
-
+{% if details_md %}
+{{ details_md }}
+{% endif %}
 ## Method and parameters
 
 Merge method: `{{ method }}`{{ method_refs }}.
@@ -309,22 +404,8 @@ The following configuration produced this model:
 '''
 
 # %% ../nbs/14_hub.ipynb #a4bf929d
-def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config dict
-                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
-                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
-                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
-                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
-                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
-                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
-                    model_name:str|None=None,    # the card's title; default: repo_id's name
-                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
-                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
-                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
-                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
-                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
-                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
-                   ) -> ModelCard:
-    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+def _card_inputs(folder_or_config, sources, method, parameters, model_config) -> tuple:
+    "(folder or None, model config, sources, method, parameters) of a card, from what `make_model_card` was given."
     folder, merge_cfg, cfg = None, None, dict(model_config or {})
     if isinstance(folder_or_config, (str, Path)):
         folder = Path(folder_or_config)
@@ -350,39 +431,68 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
         for s in sources:
             f = Path(s).expanduser()/'config.json'
             if f.exists(): cfg = json.loads(f.read_text()); break
+    return folder, cfg, sources, method, parameters
+
+# %% ../nbs/14_hub.ipynb #263a250f
+def _method_refs(cites:list) -> str:
+    "The papers of a method in the card's sentence: ' (Yadav et al. 2023, [arXiv:...](...))', '' for none."
+    refs = [c for c in cites if c['key'] != 'vlm_merge']
+    return (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
+                             if c.get('arxiv') else f"{c['short']}, *{c['title']}*" for c in refs) + ')') if refs else ''
+
+# %% ../nbs/14_hub.ipynb #5d69b347
+def _license_md(lic:str|None, given:bool) -> str:
+    "The card's License section: the licence and where it came from, or why none is stated."
+    return (f'`{lic}`' + ('' if given else ', the licence all sources share') + '. Check the terms of every source model.'
+            if lic else 'No licence is stated: the sources\' licences could not all be read or they differ. '
+                        'The merged weights are bound by the terms of every source model; check each one before use.')
+
+# %% ../nbs/14_hub.ipynb #f7fb666e
+def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config (dict or MergeConfig)
+                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
+                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
+                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
+                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
+                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
+                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
+                    model_name:str|None=None,    # the card's title; default: repo_id's name
+                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
+                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
+                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
+                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
+                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
+                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
+                    plan=None,                   # the engine's MergePlan: inputs as read (LoRA), output layout, SparseGPT, warnings
+                   ) -> ModelCard:
+    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+    if plan is not None and folder_or_config is None: folder_or_config = plan.config
+    engine = folder_or_config if hasattr(folder_or_config, 'sparsegpt_for') else None   # the engine's MergeConfig
+    if engine is not None:
+        sources = sources if sources is not None else _engine_sources(engine)
+        tags = [*_engine_tags(engine), *tags]
+    folder, cfg, sources, method, parameters = _card_inputs(folder_or_config, sources, method, parameters, model_config)
     vlm = is_vlm_config(cfg) if cfg else False
     pipeline_tag = pipeline_tag or ('image-text-to-text' if vlm else 'text-generation')
     if pipeline_tag not in ('image-text-to-text', 'text-generation'):
         raise ValueError(f"make_model_card: pipeline_tag {pipeline_tag!r}: expected 'image-text-to-text' or 'text-generation'")
     vlm = pipeline_tag == 'image-text-to-text'
     repo_id = repo_id or (folder.resolve().name if folder is not None else 'path/to/merged-model')
-    model_name = model_name or str(repo_id).split('/')[-1]
     method_tag = re.sub(r'[^a-z0-9_]+', '-', str(method).lower()).strip('-_')
-    all_tags = []
-    for t in ['merge', 'vlm_merge', method_tag, *tags]:
-        if t and t not in all_tags: all_tags.append(t)
-    lic = license or agreed_license(sources)
-    hub_sources = [s for s in sources if _is_hub_id(s)]
-    data = ModelCardData(base_model=hub_sources or None, tags=all_tags, library_name='transformers',
+    lic, cites = license or agreed_license(sources), citations_for(method)
+    hub_ids = [s for s in sources if _is_hub_id(s)]   # an engine card lists them even when empty, as it always has
+    data = ModelCardData(base_model=hub_ids or ([] if engine is not None else None), tags=list(dict.fromkeys(
+                             t for t in ['merge', 'vlm_merge', method_tag, *tags] if t)), library_name='transformers',
                          pipeline_tag=pipeline_tag, license=lic, datasets=datasets, language=language, model_name=None)
-    cites = citations_for(method)
-    src_md = '\n'.join(f'- [{s}](https://huggingface.co/{s})' if _is_hub_id(s) else f'- `{Path(s.rstrip("/")).name}` (a local folder)'
-                       for s in sources)
-    refs = [c for c in cites if c['key'] != 'vlm_merge']
-    method_refs = (' (' + '; '.join(f"{c['short']}, [arXiv:{c['arxiv']}](https://arxiv.org/abs/{c['arxiv']})"
-                                    if c.get('arxiv') else f"{c['short']}, *{c['title']}*" for c in refs) + ')') if refs else ''
-    params_yaml = yaml.safe_dump(_plain(parameters if parameters is not None else {}), sort_keys=False, allow_unicode=True)
-    scores_md = _md_table(*scores_table(scores)) if scores is not None and len(scores) else ''
-    license_md = (f'`{lic}`' + ('' if license else ', the licence all sources share') + '. Check the terms of every source model.'
-                  if lic else 'No licence is stated: the sources\' licences could not all be read or they differ. '
-                              'The merged weights are bound by the terms of every source model; check each one before use.')
     from vlm_merge import __version__
     return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, generator=f'vlm_merge {__version__}', model_name=model_name,
+        data, template_str=CARD_TEMPLATE, generator=f'vlm_merge {__version__}', model_name=model_name or str(repo_id).split('/')[-1],
         n_sources=len(sources), method=method, kind=('a vision-language model (image + text in, text out)' if vlm
                                                      else 'a text language model (text in, text out)'),
-        sources_md=src_md, method_refs=method_refs, parameters_yaml=params_yaml, scores_md=scores_md,
-        scores_note=scores_note, usage=usage_snippet(repo_id, vlm), license_md=license_md,
+        sources_md=_engine_sources_md(engine, plan) if engine is not None else '\n'.join(map(_source_md, sources)),
+        details_md=_engine_details_md(engine, plan) if engine is not None else '', method_refs=_method_refs(cites),
+        parameters_yaml=yaml.safe_dump(_plain(parameters if parameters is not None else {}), sort_keys=False, allow_unicode=True),
+        scores_md=_md_table(*scores_table(scores)) if scores is not None and len(scores) else '',
+        scores_note=scores_note, usage=usage_snippet(repo_id, vlm), license_md=_license_md(lic, bool(license)),
         bibtex='\n\n'.join(bibtex(c) for c in cites))
 
 # %% ../nbs/14_hub.ipynb #59554115
@@ -391,6 +501,7 @@ def _card_text(card) -> str:
     text = card.content if isinstance(card, ModelCard) else str(card)
     return text if text.endswith('\n') else text + '\n'
 
+# %% ../nbs/14_hub.ipynb #4f935351
 def write_model_card(folder, # the merged folder; README.md is written there
                      card:ModelCard|str|None=None, # a ready card; default: make_model_card(folder, **kwargs)
                      overwrite:bool=False, # replace an existing README.md
@@ -413,6 +524,7 @@ def write_model_card(folder, # the merged folder; README.md is written there
 class HubUploadError(ValueError):
     "A problem found before uploading: bad folder, invalid repo id, no token, offline mode."
 
+# %% ../nbs/14_hub.ipynb #98f5012e
 LOGIN_HELP = ('Log in with `hf auth login` (or `huggingface-cli login`), call huggingface_hub.login() in a notebook, '
               'or set HF_TOKEN to a write token from https://huggingface.co/settings/tokens.')
 
@@ -426,11 +538,13 @@ class UploadPlan:
     card_text: str
     card_source: str       # 'existing README.md', 'generated (will be written to README.md)', 'generated (replaces README.md)'
 
+# %% ../nbs/14_hub.ipynb #d5bc1eca
 def _human(n:int) -> str:
     for unit in ('B', 'kB', 'MB', 'GB', 'TB'):
         if n < 1000 or unit == 'TB': return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1000
 
+# %% ../nbs/14_hub.ipynb #40f33fe0
 def check_repo_id(repo_id:str) -> str:
     "`repo_id` if huggingface_hub accepts it as a model repo id, else a HubUploadError that says why."
     try: validate_repo_id(repo_id)
@@ -439,10 +553,12 @@ def check_repo_id(repo_id:str) -> str:
     if not repo_id or repo_id.strip() != repo_id: raise HubUploadError(f'invalid repo id {repo_id!r}')
     return repo_id
 
+# %% ../nbs/14_hub.ipynb #cd5bb55f
 def resolve_token(token:str|None=None) -> str|None:
     "The token to upload with: `token`, else the HF_TOKEN environment variable, else the login cache (`get_token`)."
     return token or os.environ.get('HF_TOKEN') or huggingface_hub.get_token()
 
+# %% ../nbs/14_hub.ipynb #99876883
 _LEFTOVER = re.compile(r'(^|/)(\.[^/]*\.(tmp|old)-[^/]*|[^/]*\.tmp|\.vlm_merge_output)(/|$)')   # temporaries and the output marker
 
 def _list_files(folder:Path) -> list:
@@ -459,6 +575,7 @@ def _list_files(folder:Path) -> list:
     keep = sorted(r for r in rel if not _LEFTOVER.search(r))
     return [(r, rel[r].stat().st_size) for r in filter_repo_objects(keep, ignore_patterns=DEFAULT_IGNORE_PATTERNS)]
 
+# %% ../nbs/14_hub.ipynb #c8b0bca9
 def plan_upload(folder, repo_id:str, private:bool=False, new_card:bool=False, **card_kwargs) -> UploadPlan:
     "Check `folder` and `repo_id` and work out the files and the card an upload would send (no network, no writes)."
     folder = Path(folder).expanduser()
@@ -480,6 +597,7 @@ def plan_upload(folder, repo_id:str, private:bool=False, new_card:bool=False, **
     files = sorted(files + [('README.md', len(text.encode('utf-8')))])
     return UploadPlan(folder, repo_id, private, files, text, src)
 
+# %% ../nbs/14_hub.ipynb #07527899
 def format_plan(plan:UploadPlan, token_found:str|None=None) -> str:
     "The dry-run report: repo, visibility, each file with its size, then the card text."
     total = sum(s for _, s in plan.files)
@@ -493,14 +611,17 @@ def format_plan(plan:UploadPlan, token_found:str|None=None) -> str:
     t = plan.card_text if plan.card_text.endswith('\n') else plan.card_text + '\n'
     return '\n'.join(lines + ['', '----- README.md -----', '']) + t + '----- end of README.md -----'
 
+# %% ../nbs/14_hub.ipynb #0de47ef0
 def _token_hint() -> str|None:
     "Where a token would come from, without reading or refreshing it over the network."
     if os.environ.get('HF_TOKEN'): return 'HF_TOKEN'
     return 'login cache' if Path(hf_constants.HF_TOKEN_PATH).exists() else None
 
+# %% ../nbs/14_hub.ipynb #93a06824
 def _offline() -> bool:
     return os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE')
 
+# %% ../nbs/14_hub.ipynb #8bce28df
 def upload_folder_to_hub(folder, # the merged folder to upload
                          repo_id:str, # "namespace/name" on the Hub
                          private:bool=False, # create the repo private
@@ -535,6 +656,7 @@ def _load_scores(path:str):
     import pandas as pd
     return pd.read_csv(p, sep='\t' if p.suffix in ('.tsv', '.tab') else ',')
 
+# %% ../nbs/14_hub.ipynb #3cfb15f0
 def upload_cli(argv:list|None=None # arguments after `vlm-merge upload`
               ) -> int:
     "`vlm-merge upload FOLDER REPO_ID [--private] [--dry-run] [--new-card --method M --source S ...]`"

@@ -31,6 +31,7 @@ class Backend:
     remote_code: bool = False      # needs trust_remote_code and its own `.chat` interface
     model_types: tuple = ()        # config.model_type values it serves
 
+# %% ../nbs/10_inference.ipynb #a1f7410e
 BACKENDS = {b.name: b for b in [
     Backend('llama3', 'AutoModelForCausalLM', 'tokenizer', multimodal=False,
             model_types=('llama', 'mistral', 'qwen2', 'qwen3', 'gemma', 'gemma2', 'phi3', 'granite')),
@@ -97,6 +98,7 @@ def remote_code_files(path # a local model folder (anything else: no files)
                     if f not in out: out.append(f)
     return out
 
+# %% ../nbs/10_inference.ipynb #4e50fd6e
 def allow_remote_code(path, # the model folder or Hub id
                       trust_remote_code:bool=False, # the caller's explicit consent
                       needed:bool=False # the backend cannot work without the model's own code
@@ -212,6 +214,7 @@ def plain_greedy(model) -> bool:
     gc = getattr(model, 'generation_config', None)
     return gc is None or all(getattr(gc, k, d) in (d, None) for k, d in _GREEDY_PLAIN.items())
 
+# %% ../nbs/10_inference.ipynb #46ea8b84
 @torch.inference_mode()
 def greedy_decode(model,                      # a causal LM whose forward takes a KV cache and `position_ids`
                   input_ids:torch.Tensor,     # (batch, length), padded on the left
@@ -283,6 +286,8 @@ def _generate(self:Inferencer,
                 new = seqs[:, enc['input_ids'].shape[1]:]
             for i, t in zip(ids, self.tokenizer.batch_decode(new, skip_special_tokens=True)): out[i] = t.strip()
     return out
+
+# %% ../nbs/10_inference.ipynb #1af8c2b7
 Inferencer.generate = _generate
 
 def _chat_minicpm(self:Inferencer, prompts, imgs, max_new_tokens, do_sample, temperature, progress) -> list[str]:
@@ -325,11 +330,13 @@ def load_task_data(task:str, data=None, lang:str='en') -> pd.DataFrame:
     if task in ('gsm', 'gsm_mm'): return load_gsm(data if data is not None else '.', lang=lang)
     return load_geometry(data if data is not None else GEOMETRY3K_HUB_ID)
 
+# %% ../nbs/10_inference.ipynb #f1a876ab
 def _choices_of(row) -> list|None:
     c = row.get('choices') if hasattr(row, 'get') else None
     if c is None or (isinstance(c, float) and math.isnan(c)): return None
     return [str(x) for x in c]
 
+# %% ../nbs/10_inference.ipynb #955a2ae8
 def evaluate(model, # a model folder / Hub id, or an `Inferencer`
              task:str='gsm',              # 'gsm', 'gsm_mm' or 'multimodal'
              data=None,                   # DataFrame, TSV / parquet path, folder, Hub id; None: the task's default

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 import torch
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['MERGE_METHODS', 'PARAM_RANGES', 'task_arithmetic', 'ties', 'dare_ties', 'dare_linear', 'breadcrumbs',
            'breadcrumbs_ties', 'MergeMethod', 'register_method', 'get_method', 'check_params', 'merge_tensors',
-           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'sparsify', 'generalized_task_arithmetic', 'slerp',
-           'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
+           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'kth_largest_bits', 'chunk_topk_mask', 'sparsify',
+           'generalized_task_arithmetic', 'slerp', 'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
 
 # %% ../nbs/07_task_vectors.ipynb #32573b9a
 @dataclass
@@ -30,6 +31,7 @@ class MergeMethod:
     uses_base: bool = True          # whether `base` enters the result (False: `linear` ignores it)
     doc: str = ''                   # one line for listings
 
+# %% ../nbs/07_task_vectors.ipynb #4fd488b4
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 def register_method(name:str,                 # name in the registry
@@ -48,6 +50,7 @@ def register_method(name:str,                 # name in the registry
         return fn
     return _reg
 
+# %% ../nbs/07_task_vectors.ipynb #a34e5fc6
 def get_method(name:str) -> MergeMethod:
     "The registered method `name`; a clear error lists the known ones."
     if name not in MERGE_METHODS:
@@ -86,9 +89,11 @@ def _resolve_dtype(compute_dtype, inputs) -> torch.dtype:
     if compute_dtype in _DTYPES: return _DTYPES[compute_dtype]
     raise ValueError(f"compute_dtype must be None, 'input', a torch.dtype or one of {sorted(_DTYPES)}; got {compute_dtype!r}")
 
+# %% ../nbs/07_task_vectors.ipynb #da300608
 def _all_equal(ts) -> bool:
     return all(t is ts[0] or torch.equal(t, ts[0]) for t in ts[1:])
 
+# %% ../nbs/07_task_vectors.ipynb #c3a07d8b
 def merge_tensors(method:str,                  # a name in `MERGE_METHODS`
                   base:torch.Tensor|None,      # the base model's tensor (None for methods without a base)
                   tensors:list,                # the other models' tensors, same shape as `base`
@@ -146,6 +151,7 @@ def _weights(params, like) -> torch.Tensor:
     w = torch.tensor([float(p['weight']) for p in params], dtype=like.dtype, device=like.device)
     return w.view(-1, *([1] * like.dim()))
 
+# %% ../nbs/07_task_vectors.ipynb #f4927ec5
 @register_method('linear', needs_base=False, global_defaults={'normalize': True}, required=('weight',), uses_base=False)
 def linear(base, tensors, params, gp, seed, importance):
     "Weighted average of the models (mergekit `linear`)."
@@ -162,6 +168,7 @@ def _stable_seed(seed:int, *parts) -> int:
     h = hashlib.blake2b(repr((int(seed),) + tuple(str(p) for p in parts)).encode(), digest_size=8).digest()
     return int.from_bytes(h, 'little') & ((1 << 63) - 1)
 
+# %% ../nbs/07_task_vectors.ipynb #4e2f8f9d
 def _first_true(mask:torch.Tensor, n:int) -> torch.Tensor:
     "Keep only the first `n` True entries of the flat boolean `mask` (in index order)."
     if n <= 0: return torch.zeros_like(mask)
@@ -171,6 +178,7 @@ def _first_true(mask:torch.Tensor, n:int) -> torch.Tensor:
     out[idx[:n]] = True
     return out
 
+# %% ../nbs/07_task_vectors.ipynb #d7dd63a5
 def kth_largest(s:torch.Tensor, # flat float scores
                 k:int,          # 1 <= k <= numel
                ) -> torch.Tensor:
@@ -190,6 +198,7 @@ def kth_largest(s:torch.Tensor, # flat float scores
     if 1 <= j <= band.numel(): return torch.kthvalue(band, band.numel() - j + 1).values
     return torch.kthvalue(s, n - k + 1).values             # the sample missed (rare): exact fallback
 
+# %% ../nbs/07_task_vectors.ipynb #53d417b2
 def topk_mask(score:torch.Tensor, # scores, any shape (|delta| or an importance)
               k:int,              # how many entries to keep
              ) -> torch.Tensor:
@@ -205,11 +214,52 @@ def topk_mask(score:torch.Tensor, # scores, any shape (|delta| or an importance)
     mask = gt | _first_true(s == thr, need)
     return mask.view(score.shape)
 
+# %% ../nbs/07_task_vectors.ipynb #a8a0ae23
 def bottom_mask(score:torch.Tensor, # scores, any shape
                 k:int,              # how many entries to select
                ) -> torch.Tensor:
     "Boolean mask of the `k` smallest entries of `score` (ties at the threshold: lowest flat indices)."
     return topk_mask(-score, k)   # the k largest of -score, same tie rule
+
+# %% ../nbs/07_task_vectors.ipynb #c8ca6b7a
+def kth_largest_bits(chunks, # callable -> iterator of int32 bit views of non-negative finite float32 scores
+                     k:int, # rank from the top (1 = the largest)
+                     nnz:int|None=None # how many scores are nonzero, when the caller knows (saves a pass)
+                    ) -> tuple[int, int]:
+    "(bits of the k-th largest score, how many scores are strictly larger), by a two-pass radix select."
+    if nnz is None: nnz = sum(int(torch.count_nonzero(b)) for b in chunks())
+    if nnz < k: return 0, nnz           # the k-th largest is 0: every nonzero score is kept (common for sparse task vectors)
+    h, his = torch.zeros(1 << 15, dtype=torch.int64), []
+    for b in chunks():
+        hi = b >> 16
+        h += torch.bincount(hi.reshape(-1), minlength=1 << 15).cpu()
+        if his is not None:
+            his.append(hi)
+            if len(his) > 1: his = None  # several chunks: recompute in the second pass instead of keeping them all
+    cum = h.flip(0).cumsum(0)                       # cum[j]: scores whose top bits are >= 32767 - j
+    j = int(torch.searchsorted(cum, torch.tensor([k])))
+    top, above = (1 << 15) - 1 - j, (int(cum[j - 1]) if j else 0)
+    h2 = torch.zeros(1 << 16, dtype=torch.int64)
+    for c, b in enumerate(chunks()):
+        hi = his[c] if his else b >> 16
+        h2 += torch.bincount(b[hi == top] & 0xFFFF, minlength=1 << 16).cpu()
+    cum2 = h2.flip(0).cumsum(0)
+    j2 = int(torch.searchsorted(cum2, torch.tensor([k - above])))
+    return (top << 16) | ((1 << 16) - 1 - j2), above + (int(cum2[j2 - 1]) if j2 else 0)
+
+# %% ../nbs/07_task_vectors.ipynb #3fc8b0c8
+def chunk_topk_mask(bits:torch.Tensor, # int32 bit views of one chunk's non-negative float32 scores
+                    thr:int, # the threshold's bits (`kth_largest_bits`)
+                    need:int # how many entries tied at the threshold are still to keep
+                   ) -> tuple[torch.Tensor, int]:
+    "(one chunk's share of `topk_mask`, ties still to keep): scores above `thr`, and the first `need` equal to it."
+    mask = bits > thr
+    if need > 0:
+        eq = (bits == thr).reshape(-1)
+        take = eq & (eq.cumsum(0) <= need)
+        need -= int(take.sum())
+        mask |= take.view(mask.shape)
+    return mask, need
 
 # %% ../nbs/07_task_vectors.ipynb #3fc41e5d
 def _rescale_l1(d:torch.Tensor, masked:torch.Tensor) -> torch.Tensor:
@@ -218,6 +268,7 @@ def _rescale_l1(d:torch.Tensor, masked:torch.Tensor) -> torch.Tensor:
     if before < 1e-7 or after < 1e-7: return masked
     return masked * (before / after)
 
+# %% ../nbs/07_task_vectors.ipynb #2fc10f9f
 def sparsify(delta:torch.Tensor,         # one task vector
              density:float,              # fraction of entries to keep
              method:str='magnitude',     # 'magnitude' | 'random' | 'magnitude_outliers'
@@ -274,6 +325,7 @@ def _fill_lambda(gp) -> float:
     lam = gp.get('lambda', gp.get('lambda_', 1.0))
     return 1.0 if lam is None else float(lam)
 
+# %% ../nbs/07_task_vectors.ipynb #6dce7358
 def generalized_task_arithmetic(base:torch.Tensor, tensors:list, params:list, gp:dict, seed:int, importance:list|None,
                                 sparsification:str|None, consensus:str|None) -> torch.Tensor:
     "mergekit's generalized task arithmetic: sparsify, weight, elect a sign, mix, normalize, scale by lambda, add to the base."
@@ -311,6 +363,7 @@ def generalized_task_arithmetic(base:torch.Tensor, tensors:list, params:list, gp
     if lam != 1.0: mixed = mixed * lam
     return base + mixed
 
+# %% ../nbs/07_task_vectors.ipynb #7def528a
 def _gta(name, sparsification, consensus, normalize, rescale, doc, extra_tensor=None):
     td = {'density': 1.0, **(extra_tensor or {})}
     def fn(base, tensors, params, gp, seed, importance):
@@ -357,6 +410,7 @@ def lora_delta(lora_A:torch.Tensor, # [r, in]
     d = (lora_B.float() @ lora_A.float()) * scale
     return d.T if fan_in_fan_out else d
 
+# %% ../nbs/07_task_vectors.ipynb #00ef3c5c
 def fold_lora(base_weight:torch.Tensor, # base tensor [out, in] ([in, out] when fan_in_fan_out)
               lora_A:torch.Tensor,      # [r, in]
               lora_B:torch.Tensor,      # [out, r]
@@ -421,68 +475,85 @@ class LoraAdapter:
         self.fan_in_fan_out = bool(self.config.get('fan_in_fan_out', False))
         self.use_rslora = bool(self.config.get('use_rslora', False))
 
-    def _pattern(self, key, mod, default):
-        pats = self.config.get(key) or {}
-        for pat, v in pats.items():   # peft matches rank_pattern / alpha_pattern keys as suffixes of module names
-            if mod == pat or mod.endswith('.' + pat) or re.fullmatch(pat, mod): return v
-        return default
-
-    def _mod(self, base_key):
-        mod = base_key[:-len('.weight')] if base_key.endswith('.weight') else base_key
-        if mod not in self.modules: raise KeyError(f"{self.file}: no LoRA weights for {base_key}")
-        return mod
-
     def base_keys(self) -> list[str]:
         "The base checkpoint keys this adapter changes (`<module>.weight`)."
         return [f'{m}.weight' for m in self.modules]
 
-    def factors(self, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
-               ) -> tuple:
-        "(lora_A, lora_B, scale, transposed): the delta of `base_key` is `B @ A * scale`, transposed when `transposed`."
-        mod = self._mod(base_key)
-        A = self._f.get_tensor(self.modules[mod]['A']); B = self._f.get_tensor(self.modules[mod]['B'])
-        r = int(self._pattern('rank_pattern', mod, self.r)); alpha = float(self._pattern('alpha_pattern', mod, self.alpha))
-        if A.shape[0] != r: r = A.shape[0]   # the tensors are the truth for the rank
-        scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
-        return A, B, scale, self.fan_in_fan_out or mod in self.embedding
-
-    def delta_shape(self, base_key:str) -> tuple:
-        "The shape of `base_key`'s delta, from the file header (nothing read)."
-        mod = self._mod(base_key)
-        a = self._f.get_slice(self.modules[mod]['A']).get_shape(); b = self._f.get_slice(self.modules[mod]['B']).get_shape()
-        return (a[1], b[0]) if self.fan_in_fan_out or mod in self.embedding else (b[0], a[1])
-
-    def delta(self, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
-             ) -> torch.Tensor:
-        "The float32 delta for `base_key`."
-        A, B, scale, tr = self.factors(base_key)
-        d = (B.float() @ A.float()) * scale
-        return d.T if tr else d
-
-    def fold(self, base_key:str, base_weight:torch.Tensor) -> torch.Tensor:
-        "`base_weight` with this adapter's delta folded in (base dtype)."
-        d = self.delta(base_key)
-        if d.shape != base_weight.shape:
-            raise ValueError(f"{self.file}: LoRA delta for {base_key} has shape {tuple(d.shape)}, base has {tuple(base_weight.shape)}")
-        return (base_weight.float() + d).to(base_weight.dtype)
-
-    def saved_tensor(self, base_key:str, # a key of `saved`
-                     start:int|None=None, # first row to read (None: the whole tensor)
-                     stop:int|None=None # row after the last
-                    ) -> torch.Tensor:
-        "The adapter's own copy of `base_key` (modules_to_save, a saved embedding base layer, a trained bias), or its rows."
-        if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
-        if start is None: return self._f.get_tensor(self.saved[base_key])
-        return self._f.get_slice(self.saved[base_key])[start:stop]   # reads those rows only
-
-    def saved_shape(self, base_key:str) -> tuple:
-        "The shape of the adapter's copy of `base_key`, from the file header."
-        if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
-        return tuple(self._f.get_slice(self.saved[base_key]).get_shape())
-
     def __contains__(self, base_key): return (base_key[:-7] if base_key.endswith('.weight') else base_key) in self.modules
     def __repr__(self): return f"LoraAdapter({self.path}, r={self.r}, alpha={self.alpha}, modules={len(self.modules)}, saved={len(self.saved)})"
 
+# %% ../nbs/07_task_vectors.ipynb #47c4b7da
+@patch
+def _pattern(self:LoraAdapter, key, mod, default):
+    pats = self.config.get(key) or {}
+    for pat, v in pats.items():   # peft matches rank_pattern / alpha_pattern keys as suffixes of module names
+        if mod == pat or mod.endswith('.' + pat) or re.fullmatch(pat, mod): return v
+    return default
+
+# %% ../nbs/07_task_vectors.ipynb #121d8ed5
+@patch
+def _mod(self:LoraAdapter, base_key):
+    mod = base_key[:-len('.weight')] if base_key.endswith('.weight') else base_key
+    if mod not in self.modules: raise KeyError(f"{self.file}: no LoRA weights for {base_key}")
+    return mod
+
+# %% ../nbs/07_task_vectors.ipynb #b0d4fc0a
+@patch
+def factors(self:LoraAdapter, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
+           ) -> tuple:
+    "(lora_A, lora_B, scale, transposed): the delta of `base_key` is `B @ A * scale`, transposed when `transposed`."
+    mod = self._mod(base_key)
+    A = self._f.get_tensor(self.modules[mod]['A']); B = self._f.get_tensor(self.modules[mod]['B'])
+    r = int(self._pattern('rank_pattern', mod, self.r)); alpha = float(self._pattern('alpha_pattern', mod, self.alpha))
+    if A.shape[0] != r: r = A.shape[0]   # the tensors are the truth for the rank
+    scale = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+    return A, B, scale, self.fan_in_fan_out or mod in self.embedding
+
+# %% ../nbs/07_task_vectors.ipynb #fcd3a3b8
+@patch
+def delta_shape(self:LoraAdapter, base_key:str) -> tuple:
+    "The shape of `base_key`'s delta, from the file header (nothing read)."
+    mod = self._mod(base_key)
+    a = self._f.get_slice(self.modules[mod]['A']).get_shape(); b = self._f.get_slice(self.modules[mod]['B']).get_shape()
+    return (a[1], b[0]) if self.fan_in_fan_out or mod in self.embedding else (b[0], a[1])
+
+# %% ../nbs/07_task_vectors.ipynb #91509d68
+@patch
+def delta(self:LoraAdapter, base_key:str, # e.g. 'model.layers.0.self_attn.q_proj.weight'
+         ) -> torch.Tensor:
+    "The float32 delta for `base_key`."
+    A, B, scale, tr = self.factors(base_key)
+    d = (B.float() @ A.float()) * scale
+    return d.T if tr else d
+
+# %% ../nbs/07_task_vectors.ipynb #f5cc1a93
+@patch
+def fold(self:LoraAdapter, base_key:str, base_weight:torch.Tensor) -> torch.Tensor:
+    "`base_weight` with this adapter's delta folded in (base dtype)."
+    d = self.delta(base_key)
+    if d.shape != base_weight.shape:
+        raise ValueError(f"{self.file}: LoRA delta for {base_key} has shape {tuple(d.shape)}, base has {tuple(base_weight.shape)}")
+    return (base_weight.float() + d).to(base_weight.dtype)
+
+# %% ../nbs/07_task_vectors.ipynb #1b5a5159
+@patch
+def saved_tensor(self:LoraAdapter, base_key:str, # a key of `saved`
+                 start:int|None=None, # first row to read (None: the whole tensor)
+                 stop:int|None=None # row after the last
+                ) -> torch.Tensor:
+    "The adapter's own copy of `base_key` (modules_to_save, a saved embedding base layer, a trained bias), or its rows."
+    if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
+    if start is None: return self._f.get_tensor(self.saved[base_key])
+    return self._f.get_slice(self.saved[base_key])[start:stop]   # reads those rows only
+
+# %% ../nbs/07_task_vectors.ipynb #085fd80b
+@patch
+def saved_shape(self:LoraAdapter, base_key:str) -> tuple:
+    "The shape of the adapter's copy of `base_key`, from the file header."
+    if base_key not in self.saved: raise KeyError(f"{self.file}: no saved tensor for {base_key}")
+    return tuple(self._f.get_slice(self.saved[base_key]).get_shape())
+
+# %% ../nbs/07_task_vectors.ipynb #def09cde
 def is_lora_adapter(path) -> bool:
     "Whether `path` is a peft LoRA adapter folder."
     p = Path(path)

@@ -24,6 +24,7 @@ def _low_rank(D:torch.Tensor, r:int) -> torch.Tensor:
     U, s, Vh = torch.linalg.svd(D, full_matrices=False)
     return (U[:, :r] * s[:r]) @ Vh[:r]
 
+# %% ../nbs/06_neuron_merge.ipynb #d198ac81
 def merge_neuron_rows(w_base:torch.Tensor, w_a:torch.Tensor, w_b:torch.Tensor, # [n_shared, d] shared neurons, one per row
                       method:str='mean',   # 'mean', 'lora', 'lora_rows' or 'pca'
                       lora_rank:int=4,     # rank of the lora delta
@@ -102,6 +103,7 @@ def _canon_index(reader:CheckpointReader) -> dict:
         if c is not None: out.setdefault(c, k)
     return out
 
+# %% ../nbs/06_neuron_merge.ipynb #7e65aef4
 def neuron_merge(base:str|Path,            # base model folder or Hub id (its keys, config, class are kept)
                  model_a:str|Path,         # model A (often the base itself)
                  model_b:str|Path,         # model B (e.g. a reasoning LLM)

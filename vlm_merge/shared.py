@@ -20,6 +20,7 @@ def group_sizes(geom:HeadGeometry # the text model's geometry (`head_geometry(co
     q, kv, inter = geom.n_heads * geom.head_dim, geom.n_kv_heads * geom.head_dim, geom.intermediate_size
     return {'attn_q': q, 'attn_k': kv, 'attn_v': kv, 'attn_o': q, 'fwd_gate': inter, 'fwd_up': inter, 'fwd_down': inter}
 
+# %% ../nbs/05_shared.ipynb #dfdb1ce1
 def validate_neurons(neurons:dict,          # {group: {layer: [indices]}}
                      geom:HeadGeometry,     # geometry the indices must fit
                      name:str='neurons'     # file or label used in error messages
@@ -46,6 +47,7 @@ def map_kv(indices:list,            # k/v neuron indices under `src`
         raise ValueError(f'cannot map k/v neurons between {src.n_heads}x{src.head_dim} and {dst.n_heads}x{dst.head_dim} query heads')
     return dst.q_to_kv(src.kv_to_q(indices))
 
+# %% ../nbs/05_shared.ipynb #85987cf9
 def kv_from_q(neurons:dict,        # a neuron dict with `attn_q`
               geom:HeadGeometry    # the model's geometry
              ) -> dict:
@@ -122,6 +124,7 @@ def _png(fig) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
     return buf.getvalue()
 
+# %% ../nbs/05_shared.ipynb #bf308427
 def overlap_explorer(a,                       # an `overlap_table` DataFrame, or neuron dict / JSON path of model A
                      b=None,                  # neuron dict / JSON path of model B (when `a` is not a table)
                      sizes:dict|None=None,    # {group: n_neurons} (`group_sizes(geom)`): adds the chance level
@@ -194,6 +197,7 @@ def _geometry(model) -> HeadGeometry|None:
         p = resolve_model_path(str(model))/'config.json'
     return head_geometry(json.loads(p.read_text()))
 
+# %% ../nbs/05_shared.ipynb #fb924eb8
 def shared_neurons(json_a:str|Path|dict,  # neuron JSON (or dict) of model A, e.g. the VLM on image problems
                    json_b:str|Path|dict,  # neuron JSON (or dict) of model B, e.g. the LLM on GSM
                    model_a=None,          # A's folder / Hub id / HeadGeometry: validates indices and maps k/v

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['hinv_diagonal', 'sparsegpt_importance', 'decoder_layers', 'module_for_key', 'HessianDict', 'HessianStore', 'hessians',
@@ -39,6 +40,7 @@ def hinv_diagonal(H:torch.Tensor,       # Hessian X^T X of a layer's input [in, 
     hinv[dead] = float('inf')
     return hinv
 
+# %% ../nbs/08_sparsegpt.ipynb #5d57c5ea
 def sparsegpt_importance(W:torch.Tensor,     # weight or task vector [out, in] of an nn.Linear
                          H:torch.Tensor,     # Hessian X^T X of the layer's input [in, in]
                          damp:float=0.01,    # damping, a fraction of the mean diagonal of H
@@ -69,6 +71,7 @@ def decoder_layers(model:nn.Module) -> tuple[str, nn.ModuleList]:
     if not cands: raise ValueError(f"{type(model).__name__}: no decoder layers found (no ModuleList named layers/h/blocks outside the vision tower)")
     return max(cands, key=lambda nm: len(nm[1]))
 
+# %% ../nbs/08_sparsegpt.ipynb #4e97f89f
 def _fingerprint(model:nn.Module) -> str:
     "Hash of a model's identity: class, name_or_path, config, and every parameter's shape, dtype, float64 sum and a strided sample."
     h = hashlib.sha256()
@@ -88,6 +91,7 @@ def _fingerprint(model:nn.Module) -> str:
                 h.update(f[:: max(1, f.numel() // 64)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/08_sparsegpt.ipynb #bfbb3e90
 def _data_hash(data, extra) -> str:
     h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for x in data:
@@ -111,6 +115,7 @@ def module_for_key(names, # module names ('model.layers.3.self_attn.q_proj', 'tr
     tail = m.group(0).lstrip('.')
     return next((n for n in names if n == tail or n.endswith('.' + tail)), None)
 
+# %% ../nbs/08_sparsegpt.ipynb #f6640b18
 class HessianDict(dict):
     "Module name -> Hessian, computed in memory (no cache); `layers` and `transposed` as `HessianStore.meta` has them."
     def __init__(self, *a, layers:str='layers', transposed=(), **kw):
@@ -122,6 +127,7 @@ class HessianDict(dict):
         "As `HessianStore.is_transposed`."
         return module_for_key(self.meta['transposed'], key, self.meta['layers']) is not None
 
+# %% ../nbs/08_sparsegpt.ipynb #724b2c0c
 class HessianStore(Mapping):
     "Read-only mapping module name -> Hessian (float32), loaded lazily, one layer file at a time."
     def __init__(self, folder, # a cache folder written by `hessians`
@@ -130,30 +136,38 @@ class HessianStore(Mapping):
         meta = json.loads((self.folder / 'meta.json').read_text())
         self.meta, self.names = meta, meta['modules']   # {module name: (layer, stored name)}
         self._cache: dict = {}
-    def _layer(self, i:int) -> dict:
-        if i not in self._cache:
-            f = self.folder / f'layer_{i:04d}.safetensors'
-            if not f.exists(): raise FileNotFoundError(f"{f} missing: the Hessian cache is incomplete")
-            self._cache = {i: load_file(str(f))}   # keep one layer in memory
-        return self._cache[i]
-    def __getitem__(self, name):
+    def __getitem__(self, name):   # in the class body: Mapping's abstract method (a patched one would not count)
         if name not in self.names: raise KeyError(f"no Hessian for {name!r} in {self.folder}")
         layer, stored = self.names[name]
         return self._layer(layer)[stored]
     def __iter__(self): return iter(self.names)
     def __len__(self): return len(self.names)
-    def for_key(self, key:str) -> torch.Tensor|None:
-        "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight', GPT-2/BLOOM '...h.3.attn.c_attn.weight'), matched on the part from the decoder list's `<name>.N.` on; None if absent."
-        n = module_for_key(self.names, key, self.meta.get('layers', 'layers'))
-        return None if n is None else self[n]
     def is_transposed(self, key:str) -> bool:
         "Whether the weight of `key` is stored [in, out] (GPT-2's `Conv1D`), so its importance is taken on the transpose."
         return module_for_key(self.meta.get('transposed', []), key, self.meta.get('layers', 'layers')) is not None
     def __repr__(self): return f"HessianStore({self.folder}, {len(self)} modules, {self.meta['n_layers']} layers)"
 
+# %% ../nbs/08_sparsegpt.ipynb #d5ac258f
+@patch
+def _layer(self:HessianStore, i:int) -> dict:
+    if i not in self._cache:
+        f = self.folder / f'layer_{i:04d}.safetensors'
+        if not f.exists(): raise FileNotFoundError(f"{f} missing: the Hessian cache is incomplete")
+        self._cache = {i: load_file(str(f))}   # keep one layer in memory
+    return self._cache[i]
+
+# %% ../nbs/08_sparsegpt.ipynb #a738fa4d
+@patch
+def for_key(self:HessianStore, key:str) -> torch.Tensor|None:
+    "The Hessian of checkpoint key `key` ('...layers.3.self_attn.q_proj.weight', GPT-2/BLOOM '...h.3.attn.c_attn.weight'), matched on the part from the decoder list's `<name>.N.` on; None if absent."
+    n = module_for_key(self.names, key, self.meta.get('layers', 'layers'))
+    return None if n is None else self[n]
+
 # %% ../nbs/08_sparsegpt.ipynb #617eb783
 class _Stop(Exception): pass
+def _stop_hook(mod, inp, out): raise _Stop()   # ends a forward pass after the last layer a chunk needs
 
+# %% ../nbs/08_sparsegpt.ipynb #291a2ae3
 def _batches(data, tokenizer, max_length):
     for x in data:
         if isinstance(x, str):
@@ -168,6 +182,62 @@ def _batches(data, tokenizer, max_length):
             ids = torch.as_tensor(x); ids = ids[None] if ids.dim() == 1 else ids
             yield {'input_ids': ids[:, :max_length], 'attention_mask': None}
 
+# %% ../nbs/08_sparsegpt.ipynb #52c7877b
+def _xtx_hook(name:str, # the module's name
+              acc:dict, count:dict, # name -> running X^T X; name -> rows seen
+              alias:dict, # name -> the earlier module that read the very same input (q/k/v, gate/up)
+              state:dict # {'mask': the batch's attention mask, 'seen': id(input) -> (name, input)}
+             ):
+    "A forward hook adding the float32 X^T X of module `name`'s input (padding dropped) to `acc`, or noting it shares an input."
+    def fn(mod, inp, out):
+        x = inp[0]
+        prev = state['seen'].get(id(x))
+        if prev is not None and prev[1] is x:   # the very same input tensor as an earlier module (q/k/v, gate/up)
+            alias[name] = prev[0]; return
+        state['seen'][id(x)] = (name, x)        # holding x keeps its id unique for this batch
+        x = x.detach()
+        m = state['mask']
+        x = x[m.to(x.device).bool()] if m is not None and x.dim() == 3 and m.shape == x.shape[:2] else x.reshape(-1, x.shape[-1])
+        x = x.float()
+        if name not in acc: acc[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device); count[name] = 0
+        acc[name].addmm_(x.T, x); count[name] += x.shape[0]
+    return fn
+
+# %% ../nbs/08_sparsegpt.ipynb #0eb896a5
+def _layer_hessians(i:int, # the layer
+                    lin:list, # its (name, module) pairs
+                    lname:str, # the decoder layers' path ('model.layers')
+                    acc:dict, count:dict, alias:dict # what the hooks gathered
+                   ) -> tuple[dict, dict]:
+    "(stored name -> Hessian X^T X / n, module name -> (layer, stored name)) of layer `i`; modules sharing an input share one."
+    tensors, names = {}, {}
+    for n, _ in lin:
+        src = alias.get(n, n)
+        if src not in acc: raise RuntimeError(f"hessians: {n} received no input during calibration")
+        stored = src[len(f'{lname}.{i}.'):]
+        if stored not in tensors: tensors[stored] = (acc[src] / max(count[src], 1)).cpu().contiguous()
+        names[n] = (i, stored)
+    return tensors, names
+
+# %% ../nbs/08_sparsegpt.ipynb #8c1dffd3
+def _finish_cache(folder:Path, # the cache folder of one model and data
+                  todo:list, # the layers this run computed
+                  modules_meta:dict, # module name -> (layer, stored name), filled in for the other layers here
+                  meta:dict # what meta.json records (its 'modules' is `modules_meta`)
+                 ) -> HessianStore:
+    "Write the cache's meta.json (atomically) once every layer file is there, check it, and open it."
+    from safetensors import safe_open
+    for i in range(meta['n_layers']):   # layers done by an earlier (interrupted) run: their module map is in the file
+        if i not in todo:
+            with safe_open(str(folder / f'layer_{i:04d}.safetensors'), framework='pt') as f:
+                modules_meta.update({n: tuple(v) for n, v in json.loads(f.metadata()['names']).items()})
+    tmp = folder / '.meta.json.tmp'; tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, folder / 'meta.json')
+    store = HessianStore(folder)
+    missing = [n for n, (i, s) in store.names.items() if s not in load_file(str(folder / f'layer_{i:04d}.safetensors'))]
+    if missing: raise RuntimeError(f"hessians: cache {folder} lacks {missing[:3]}")
+    return store
+
+# %% ../nbs/08_sparsegpt.ipynb #549d812c
 def hessians(model:nn.Module,           # a loaded transformers model (text LLM or VLM language model)
              data,                       # calibration: list of str (with `tokenizer`), token-id tensors, or dicts with input_ids/attention_mask
              cache_dir=None,             # folder of the cache; None: no cache (computed in memory, returned as a dict)
@@ -177,10 +247,8 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
              progress:bool=True,         # tqdm progress bar
             ) -> Mapping:
     "Hessians X^T X / n_tokens (float32) of every nn.Linear (and GPT-2 `Conv1D`) in the decoder layers, cached on disk keyed by model and data."
-    data = list(data)
-    if not data: raise ValueError("hessians: no calibration data")
-    lname, layers = decoder_layers(model)
-    n_layers = len(layers)
+    if not (data := list(data)): raise ValueError("hessians: no calibration data")
+    lname, layers = decoder_layers(model); n_layers = len(layers)
     key = hashlib.sha256((_fingerprint(model) + _data_hash(data, {'max_length': max_length,
                           'tok': getattr(tokenizer, 'name_or_path', None), 'modules': 'linear+conv1d'})).encode()).hexdigest()[:24]
     folder = None
@@ -194,33 +262,15 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
     lin = {i: [(f'{lname}.{i}.{n}', m) for n, m in layers[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))] for i in range(n_layers)}
     transposed = [n for i in lin for n, m in lin[i] if Conv1D and isinstance(m, Conv1D)]
     todo = [i for i in range(n_layers) if folder is None or not (folder / f'layer_{i:04d}.safetensors').exists()]
-    step = layers_per_pass or n_layers
-    chunks = [todo[j:j + step] for j in range(0, len(todo), step)]
-    dev = next(model.parameters()).device
-    modules_meta, result = {}, {}
+    step = layers_per_pass or n_layers; chunks = [todo[j:j + step] for j in range(0, len(todo), step)]
+    dev, modules_meta, result = next(model.parameters()).device, {}, {}
     bar = tqdm(total=len(chunks) * len(data), desc='hessians', disable=not progress)
     was_training = model.training; model.eval()
     try:
         for chunk in chunks:
             acc, count, alias, state = {}, {}, {}, {'mask': None, 'seen': {}}
-            def hook(name):
-                def fn(mod, inp, out):
-                    x = inp[0]
-                    prev = state['seen'].get(id(x))
-                    if prev is not None and prev[1] is x:   # the very same input tensor as an earlier module (q/k/v, gate/up)
-                        alias[name] = prev[0]; return
-                    state['seen'][id(x)] = (name, x)        # holding x keeps its id unique for this batch
-                    x = x.detach()
-                    m = state['mask']
-                    x = x[m.to(x.device).bool()] if m is not None and x.dim() == 3 and m.shape == x.shape[:2] else x.reshape(-1, x.shape[-1])
-                    x = x.float()
-                    if name not in acc: acc[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device); count[name] = 0
-                    acc[name].addmm_(x.T, x); count[name] += x.shape[0]
-                return fn
-            hs = [m.register_forward_hook(hook(n)) for i in chunk for n, m in lin[i]]
-            last = max(chunk)
-            def stop(mod, inp, out): raise _Stop()
-            if last < n_layers - 1: hs.append(layers[last].register_forward_hook(stop))
+            hs = [m.register_forward_hook(_xtx_hook(n, acc, count, alias, state)) for i in chunk for n, m in lin[i]]
+            if max(chunk) < n_layers - 1: hs.append(layers[max(chunk)].register_forward_hook(_stop_hook))
             try:
                 with torch.no_grad():
                     for b in _batches(data, tokenizer, max_length):
@@ -232,14 +282,7 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
             finally:
                 for h in hs: h.remove()
             for i in chunk:
-                tensors, names = {}, {}
-                for n, _ in lin[i]:
-                    src = alias.get(n, n)
-                    if src not in acc: raise RuntimeError(f"hessians: {n} received no input during calibration")
-                    stored = src[len(f'{lname}.{i}.'):]
-                    if stored not in tensors: tensors[stored] = (acc[src] / max(count[src], 1)).cpu().contiguous()
-                    names[n] = (i, stored)
-                modules_meta.update(names)
+                tensors, names = _layer_hessians(i, lin[i], lname, acc, count, alias); modules_meta.update(names)
                 if folder is not None:
                     tmp = folder / f'.layer_{i:04d}.tmp'
                     save_file(tensors, str(tmp), metadata={'names': json.dumps(names)})
@@ -247,22 +290,10 @@ def hessians(model:nn.Module,           # a loaded transformers model (text LLM 
                 else:
                     result.update({n: tensors[s] for n, (_, s) in names.items()})
             del acc
-    finally:
-        bar.close()
-        model.train(was_training)
+    finally: bar.close(); model.train(was_training)
     if folder is None: return HessianDict(result, layers=lname, transposed=transposed)
-    from safetensors import safe_open
-    for i in range(n_layers):   # layers done by an earlier (interrupted) run: their module map is in the file
-        if i not in todo:
-            with safe_open(str(folder / f'layer_{i:04d}.safetensors'), framework='pt') as f:
-                modules_meta.update({n: tuple(v) for n, v in json.loads(f.metadata()['names']).items()})
-    meta = {'n_layers': n_layers, 'layers': lname, 'modules': modules_meta, 'n_samples': len(data), 'max_length': max_length,
-            'transposed': transposed}
-    tmp = folder / '.meta.json.tmp'; tmp.write_text(json.dumps(meta, indent=1)); os.replace(tmp, folder / 'meta.json')
-    store = HessianStore(folder)
-    missing = [n for n, (i, s) in store.names.items() if s not in load_file(str(folder / f'layer_{i:04d}.safetensors'))]
-    if missing: raise RuntimeError(f"hessians: cache {folder} lacks {missing[:3]}")
-    return store
+    return _finish_cache(folder, todo, modules_meta, {'n_layers': n_layers, 'layers': lname, 'modules': modules_meta,
+                         'n_samples': len(data), 'max_length': max_length, 'transposed': transposed})
 
 # %% ../nbs/08_sparsegpt.ipynb #33023b14
 def tiny_llama(seed:int=0, layers:int=2, hidden:int=32, vocab:int=64) -> nn.Module:
@@ -273,6 +304,7 @@ def tiny_llama(seed:int=0, layers:int=2, hidden:int=32, vocab:int=64) -> nn.Modu
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
 
+# %% ../nbs/08_sparsegpt.ipynb #3380b425
 def word_tokenizer(texts:list, max_vocab:int=64):
     "A word-level `PreTrainedTokenizerFast` built from `texts` (offline), for tests and examples."
     from tokenizers import Tokenizer, models, pre_tokenizers

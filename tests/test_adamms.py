@@ -176,3 +176,15 @@ def test_ties_baseline_runs_and_differs(tmp_path):
         assert not torch.equal(a.get(k), b.get(k)) and not torch.equal(a.get(k), t.get(k))
         v = next(k for k, why in m.kept.items() if why == 'vision')
         assert torch.equal(a.get(v), t.get(v))
+
+def test_streamed_candidates_match_the_blender(perception):
+    "The seed's write-and-reload search (one model in memory) generates what the in-memory blender generates."
+    from vlm_merge.adamms import search_alpha
+    m = map_models('vlm-llava', 'vlm-2')
+    temps = lambda: set(Path(__import__('tempfile').gettempdir()).glob('adamms_candidates_*'))
+    before = temps()
+    a = search_alpha(m, perception, '1.0:0.6:0.2', limit=4)
+    b = search_alpha(m, perception, '1.0:0.6:0.2', limit=4, streaming=True)
+    assert a.chosen_alpha == b.chosen_alpha and a.oracle_alpha == b.oracle_alpha
+    pd.testing.assert_frame_equal(a.table, b.table)
+    assert temps() <= before   # the candidates' folder is removed

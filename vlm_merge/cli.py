@@ -290,6 +290,7 @@ def _adamms_args(p):
     p.add_argument('--limit', type=positive_int, default=100, help='rows generated on at each alpha')
     p.add_argument('--out', default=None, help='folder for the chosen merge, with README.md and search.json (None: search only)')
     p.add_argument('--overwrite', action='store_true', help='replace OUT if it is an earlier vlm_merge output (never an input)')
+    p.add_argument('--streaming', action='store_true', help='write and load each candidate alpha (one model in memory) instead of blending in memory')
     p.add_argument('--no-labels', action='store_true', help='do not score the alphas even when the data has answers')
     p.add_argument('--max_new_tokens', type=positive_int, default=64, help='tokens generated per answer')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'cuda:1', ...")

@@ -22,6 +22,7 @@ COMMANDS = {
     'neuron-merge': ('vlm_merge.neuron_merge:neuron_merge_cli', 'merge only the shared neurons (mean, lora, lora_rows, pca)'),
     'run':          ('vlm_merge.pipeline:run_cli',         'run detection -> shared -> merge -> evaluation from one config'),
     'demo':         ('vlm_merge.pipeline:demo_cli',        'the main job on the built-in zoo'),
+    'adamms':       ('vlm_merge.adamms:adamms_cli',        'AdaMMS: interpolate two models on one LM base, alpha chosen without labels'),
     'upload':       ('vlm_merge.hub:upload_cli',           'upload a merged folder to the Hugging Face Hub with a model card'),
 }
 
@@ -286,9 +287,29 @@ def _upload_args(p):
     p.add_argument('--scores', default=None, help='scores for the card: JSON {task: accuracy} or a CSV/TSV table')
     p.add_argument('--license', default=None, help='licence id for the card metadata')
 
+# %% ../nbs/99_cli.ipynb #467ac6ab
+def _adamms_args(p):
+    p.description = ('AdaMMS: interpolate the language model of --source into --target (alpha = weight of the target), '
+                     'alpha chosen without labels from how little the generations change between neighbouring alphas.')
+    p.add_argument('--target', required=True, help=MODEL + '; its vision side, config and tokenizer are kept')
+    p.add_argument('--source', required=True, help=MODEL + '; a VLM or text LLM whose language model shares the base')
+    p.add_argument('--alphas', default='1.0:0.4:0.1', help='grid START:STOP:STEP (inclusive) or a comma list, at least 3 alphas in [0, 1]')
+    p.add_argument('--data', default=None, help="parquet (figure problems) or TSV (text problems) of the target's tasks; "
+                   'answers, if any, only score the oracle (None: the zoo data for a zoo target)')
+    p.add_argument('--limit', type=positive_int, default=100, help='rows generated on at each alpha')
+    p.add_argument('--out', default=None, help='folder for the chosen merge, with README.md and search.json (None: search only)')
+    p.add_argument('--overwrite', action='store_true', help='replace OUT if it is an earlier vlm_merge output (never an input)')
+    p.add_argument('--streaming', action='store_true', help='write and load each candidate alpha (one model in memory) instead of blending in memory')
+    p.add_argument('--no-labels', action='store_true', help='do not score the alphas even when the data has answers')
+    p.add_argument('--max_new_tokens', type=positive_int, default=64, help='tokens generated per answer')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument('--dtype', default=None, choices=('bf16', 'fp16', 'fp32'), help='None: fp32 on CPU, bf16/fp16 on GPU')
+
+
 # %% ../nbs/99_cli.ipynb #bd6eb0ee
 PARSERS = {'inspect': _inspect_args, 'zoo': _zoo_args, 'infer': _infer_args, 'merge': _merge_args, 'detect': _detect_args,
-           'shared': _shared_args, 'neuron-merge': _neuron_merge_args, 'run': _run_args, 'demo': _demo_args, 'upload': _upload_args}
+           'shared': _shared_args, 'neuron-merge': _neuron_merge_args, 'run': _run_args, 'demo': _demo_args, 'upload': _upload_args,
+           'adamms': _adamms_args}
 
 def parser_for(command:str # a key of `PARSERS`
               ) -> argparse.ArgumentParser:

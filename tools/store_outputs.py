@@ -4,12 +4,28 @@
 
 Runs every code cell in order in one kernel (slow cells included: their outputs are what the site shows),
 except cells whose source contains one of the `--skip` strings (for example a cell that rebuilds the zoo):
-those keep no output. Then clean the notebook with `nbdev_clean --fname NB`.
+those keep no output. Progress bars written to stderr are dropped. Then clean the notebook with `nbdev_clean --fname NB`.
 """
-import argparse, sys, time
+import argparse, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
+
+
+NOISE = re.compile(r'(Loading weights|Writing model shards|Fetching \d+ files).*it/s')   # progress bars, not results
+
+
+def strip_noise(nb) -> int:
+    "Drop stderr stream outputs that are only progress bars; returns how many were dropped."
+    n = 0
+    for cell in nb.cells:
+        if cell.cell_type != 'code': continue
+        widget = lambda o: 'application/vnd.jupyter.widget-view+json' in o.get('data', {})   # a tqdm bar: its state is not stored
+        bars = lambda o: (o.get('output_type') == 'stream' and o.get('name') == 'stderr'
+                          and all(NOISE.search(l) or not l.strip() for l in o.get('text', '').splitlines()))
+        keep = [o for o in cell.get('outputs', []) if not (widget(o) or bars(o))]
+        n += len(cell.outputs) - len(keep); cell.outputs = keep
+    return n
 
 
 def main(argv=None):
@@ -17,8 +33,11 @@ def main(argv=None):
     p.add_argument('notebook')
     p.add_argument('--skip', action='append', default=[], help='skip cells whose source contains this string')
     p.add_argument('--timeout', type=int, default=3600, help='seconds per cell')
+    p.add_argument('--strip-only', action='store_true', help='do not execute: only drop progress-bar noise from stored outputs')
     a = p.parse_args(argv)
     path = Path(a.notebook); nb = nbformat.read(path, as_version=4)
+    if a.strip_only:
+        print(f'{path}: {strip_noise(nb)} progress-bar outputs dropped'); nbformat.write(nb, path); return
     client = NotebookClient(nb, timeout=a.timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
     t0 = time.time()
     with client.setup_kernel():
@@ -27,7 +46,7 @@ def main(argv=None):
             if any(s in cell.source for s in a.skip): cell.outputs = []; cell.execution_count = None; continue
             t = time.time(); client.execute_cell(cell, i)
             if time.time() - t > 30: print(f'cell {i}: {time.time() - t:.0f}s', file=sys.stderr)
-    nbformat.write(nb, path)
+    strip_noise(nb); nbformat.write(nb, path)
     print(f'{path}: executed in {time.time() - t0:.0f}s')
 
 

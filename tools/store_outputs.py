@@ -15,15 +15,19 @@ from nbclient import NotebookClient
 NOISE = re.compile(r'(Loading weights|Writing model shards|Fetching \d+ files).*it/s')   # progress bars, not results
 
 
+def _noise(o) -> bool:
+    "A progress bar: a tqdm widget (its state is not stored, so it shows as text) or stderr lines that are only bars."
+    if 'application/vnd.jupyter.widget-view+json' in o.get('data', {}): return True
+    return (o.get('output_type') == 'stream' and o.get('name') == 'stderr'
+            and all(NOISE.search(l) or not l.strip() for l in o.get('text', '').splitlines()))
+
+
 def strip_noise(nb) -> int:
-    "Drop stderr stream outputs that are only progress bars; returns how many were dropped."
+    "Drop progress-bar outputs; returns how many were dropped."
     n = 0
     for cell in nb.cells:
         if cell.cell_type != 'code': continue
-        widget = lambda o: 'application/vnd.jupyter.widget-view+json' in o.get('data', {})   # a tqdm bar: its state is not stored
-        bars = lambda o: (o.get('output_type') == 'stream' and o.get('name') == 'stderr'
-                          and all(NOISE.search(l) or not l.strip() for l in o.get('text', '').splitlines()))
-        keep = [o for o in cell.get('outputs', []) if not (widget(o) or bars(o))]
+        keep = [o for o in cell.get('outputs', []) if not _noise(o)]
         n += len(cell.outputs) - len(keep); cell.outputs = keep
     return n
 

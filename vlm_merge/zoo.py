@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_zoo.ipynb #7f725330
 from __future__ import annotations
-import argparse, base64, io, json, math, os, random, shutil, sys, tempfile, time
+import argparse, base64, copy, io, json, math, os, random, shutil, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from tqdm.auto import tqdm
@@ -595,7 +595,7 @@ def _job(job:dict) -> dict:
     else:
         base = AutoModelForCausalLM.from_pretrained(root / job['base'], dtype=torch.float32); src = job['base']
         if kind in ('reason', 'spec'):
-            model = AutoModelForCausalLM.from_pretrained(root / job['base'], dtype=torch.float32)
+            model = copy.deepcopy(base)
             exs = _train_examples('reason' if kind == 'reason' else name, tok, seed, sizes=job['sizes'])
             if kind == 'spec' and SPEC_REPLAY: exs += _replay_examples(base, tok, name, int(len(exs) * SPEC_REPLAY), seed)
             stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=FT_LR, seed=seed, desc=name)
@@ -624,10 +624,9 @@ def _job(job:dict) -> dict:
 
 
 # %% ../nbs/03_zoo.ipynb #2ad71f84
-FLOORS = {'base-lm': None, 'wide-base': None, 'reason-lm': ('gsm', 0.9), 'wide-lm': ('gsm', 0.9),
+FLOORS = {'reason-lm': ('gsm', 0.9), 'wide-lm': ('gsm', 0.9),   # each model's own task; the bases have none
           'spec-mirror': ('spec-mirror', 0.9), 'spec-sort': ('spec-sort', 0.9), 'spec-shift': ('spec-shift', 0.9),
           'vlm-llava': ('perception', 0.9), 'vlm-2': ('perception', 0.9), 'wide-vlm': ('perception', 0.9)}
-FLOORS = {k: v for k, v in FLOORS.items() if v}   # the bases have no task of their own
 
 def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
     "Every model's job, bases first, then their fine-tunes, longest first (so two workers finish together)."
@@ -644,16 +643,16 @@ def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
             J('reason-lm', 'reason', gsm(Z['test']) + specs, 'base-lm'), J('wide-lm', 'reason', gsm(Z['test']), 'wide-base')] + \
            [J(s, 'spec', [(t, f, Z['test'] if t == s else Z['cross']) for t, f, _ in specs] + gsm(Z['cross']), 'base-lm') for s in SPEC_TASKS]
 
-def _run_jobs(jobs:list[dict], workers:int) -> dict:
-    "Run `jobs` in `workers` spawned processes, each as soon as the model it starts from is saved; {name: manifest entry}."
+def _run_jobs(jobs:list[dict], workers:int, have:tuple=()) -> dict:
+    "Run `jobs` in `workers` spawned processes, each as soon as the model it starts from is saved (or in `have`, saved already); {name: manifest entry}."
     import concurrent.futures as cf, multiprocessing as mp, importlib
     run = importlib.import_module('vlm_merge.zoo')._job   # importable in the workers, also from a notebook
     results, waiting, running = {}, list(jobs), {}
     with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context('spawn')) as ex:
         while waiting or running:
-            for j in [j for j in waiting if j.get('after', j['base']) in (None, *results)]:
+            for j in [j for j in waiting if j['base'] in (None, *have, *results)]:
                 running[ex.submit(run, j)] = j['name']; waiting.remove(j)
-            if not running: raise RuntimeError(f"zoo jobs wait for models no job makes: {[(j['name'], j.get('after', j['base'])) for j in waiting]}")
+            if not running: raise RuntimeError(f"zoo jobs wait for models no job makes: {[(j['name'], j['base']) for j in waiting]}")
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for f in done:
                 r = f.result(); results[r['name']] = r; del running[f]
@@ -714,9 +713,7 @@ def build_zoo(out_dir:str|Path,          # folder to create (atomically: built i
             shutil.copytree(out_dir, tmp, dirs_exist_ok=True)
             for n in only: shutil.rmtree(tmp / n, ignore_errors=True)
             jobs = [j for j in _jobs(tmp, seed, steps, sizes) if j['name'] in only]
-            for j in jobs:
-                if j['base'] not in only: j['after'] = None   # its base is already there
-            models = {**old['models'], **_run_jobs(jobs, workers)}
+            models = {**old['models'], **_run_jobs(jobs, workers, have=tuple(set(old['models']) - set(only)))}
             mine = lambda k: any(k == n or k.startswith(n + '-') or (k == 'spec' and n in SPEC_TASKS and n not in steps) for n in only)
             manifest = {**old, 'steps': {**old['steps'], **{k: v for k, v in steps.items() if mine(k)}},
                         'rebuilt': old.get('rebuilt', []) + [{'models': list(only), 'wall_s': round(time.time() - t0, 1)}]}

@@ -698,13 +698,13 @@ def build_zoo(out_dir:str|Path,          # folder to create (atomically: built i
     if only:
         bad = [n for n in only if n not in ZOO_MODELS]
         if bad: raise KeyError(f'build_zoo: unknown zoo model(s) {bad}; choose from {ZOO_MODELS}')
-        if not (out_dir / 'manifest.json').exists(): raise FileNotFoundError(f'build_zoo: only= needs an existing zoo, and {out_dir} has no manifest.json')
+        if not (out_dir / 'manifest.json').exists(): raise FileNotFoundError(f'build_zoo: retraining some models (only=, --only) needs an existing zoo, and {out_dir} has no manifest.json')
         old = json.loads((out_dir / 'manifest.json').read_text())
-        if old['seed'] != seed or old['sizes'] != Z:
-            raise ValueError(f"build_zoo: the zoo at {out_dir} was built with seed {old['seed']} and other data sizes; rebuild it whole")
+        why = [f"seed {old['seed']}, not {seed}"] * (old['seed'] != seed) + ['other data sizes'] * (old['sizes'] != Z)
+        if why: raise ValueError(f"build_zoo: the zoo at {out_dir} was built with {' and '.join(why)}; rebuild it whole")
         every = _jobs(out_dir, seed, steps, sizes)
         stale = sorted({j['name'] for j in every if j['base'] in only and j['name'] not in only})
-        if stale: raise ValueError(f'build_zoo: retraining {sorted(set(only) & {j["base"] for j in every})} changes the models built on it; add {stale} to only')
+        if stale: raise ValueError(f'build_zoo: retraining {sorted(set(only) & {j["base"] for j in every})} changes the models built on it; add {stale} to only (--only)')
     elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f'build_zoo: {out_dir} exists and is not empty; pass overwrite=True (--overwrite)')
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.tmp-', dir=out_dir.parent if out_dir.parent.exists() else None))

@@ -23,6 +23,7 @@ COMMANDS = {
     'run':          ('vlm_merge.pipeline:run_cli',         'run detection -> shared -> merge -> evaluation from one config'),
     'demo':         ('vlm_merge.pipeline:demo_cli',        'the main job on the built-in zoo'),
     'adamms':       ('vlm_merge.adamms:adamms_cli',        'AdaMMS: interpolate two models on one LM base, alpha chosen without labels'),
+    'vadasm':       ('vlm_merge.vadasm:vadasm_cli',        'V-ADASM: a large VLM merged into a small text LLM of other dimensions (no training)'),
     'upload':       ('vlm_merge.hub:upload_cli',           'upload a merged folder to the Hugging Face Hub with a model card'),
 }
 
@@ -306,10 +307,31 @@ def _adamms_args(p):
     p.add_argument('--dtype', default=None, choices=('bf16', 'fp16', 'fp32'), help='None: fp32 on CPU, bf16/fp16 on GPU')
 
 
+# %% ../nbs/99_cli.ipynb #ddb2d7e9
+def _vadasm_args(p):
+    p.description = ('V-ADASM: the vision tower and projector of --large (a LLaVA-style VLM) and its language deltas, aligned '
+                     'into --small (a text LLM of other width and depth) without training; fusion weights tuned by differential evolution.')
+    p.add_argument('--small', required=True, help=MODEL + '; the small text LLM that becomes the language model')
+    p.add_argument('--large', required=True, help=MODEL + '; the donor: a LLaVA-style VLM (any LLM with --no-vision)')
+    p.add_argument('--out', default=None, help='folder for the small VLM, vadasm_config.json and README.md (None: search and score only)')
+    p.add_argument('--no-vision', action='store_true', help='transfer the language deltas only; the output is a text LLM')
+    p.add_argument('--val', action='append', default=None, help='validation data, repeatable: .parquet figure problems and/or .tsv GSM '
+                   'questions; the first 40 rows of each validate, the rest is the test split (None: the zoo data)')
+    p.add_argument('--budget-s', type=float, default=240, help='seconds the search may take (checked after each generation)')
+    p.add_argument('--budget-evals', type=int, default=60, help='evaluations the search may make (0: the default parameters, with a warning)')
+    p.add_argument('--svd-rank', type=float, default=0.95, help="share of the projector's variance kept by the SVD, in (0, 1]")
+    p.add_argument('--align-layers', type=fraction, default=0.2, help='fraction of the small model\'s layers aligned, from the input')
+    p.add_argument('--large-base', default=None, help="the base the donor's language model was fine-tuned from (None: known for zoo models)")
+    p.add_argument('--small-base', default=None, help='the base of the small LLM, for TIES sign election (None: known for zoo models, else trim only)')
+    p.add_argument('--seed', type=int, default=0, help="the optimiser's seed")
+    p.add_argument('--overwrite', action='store_true', help='replace OUT if it is an earlier vlm_merge output (never an input)')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+
+
 # %% ../nbs/99_cli.ipynb #bd6eb0ee
 PARSERS = {'inspect': _inspect_args, 'zoo': _zoo_args, 'infer': _infer_args, 'merge': _merge_args, 'detect': _detect_args,
            'shared': _shared_args, 'neuron-merge': _neuron_merge_args, 'run': _run_args, 'demo': _demo_args, 'upload': _upload_args,
-           'adamms': _adamms_args}
+           'adamms': _adamms_args, 'vadasm': _vadasm_args}
 
 def parser_for(command:str # a key of `PARSERS`
               ) -> argparse.ArgumentParser:

@@ -161,3 +161,18 @@ def test_end_to_end_small_run_writes_a_loadable_vlm(tmp_path):
     assert type(m).__name__ == 'LlavaForConditionalGeneration' and m.config.text_config.hidden_size == 128
     df, s = evaluate(Inferencer(out), 'multimodal', per.tail(4), max_new_tokens=16, progress=False)
     assert s['n'] == 4 and df.prediction.str.len().sum() > 0
+
+
+def test_no_vision_writes_a_text_llm_even_from_a_vlm_donor(tmp_path):
+    from transformers import AutoModelForCausalLM
+    gsm = pd.read_csv(zoo_data_path('mgsm_en.tsv'), sep='\t', dtype=str).head(12)
+    with pytest.warns(UserWarning, match='default parameters'):
+        res = vadasm('reason-lm', 'wide-vlm', tmp_path / 'out', no_vision=True, val=[gsm], budget_evals=0, progress=False)
+    assert set(res.test['defaults']) == {'gsm', 'fitness'} and 'projector' not in res.report
+    cfg = json.loads((tmp_path / 'out' / 'vadasm_config.json').read_text())
+    assert cfg['capabilities']['vision'] is False
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / 'out')
+    assert type(m).__name__ == 'LlamaForCausalLM'
+    ref = AutoModelForCausalLM.from_pretrained(zoo_data_path('mgsm_en.tsv').parent.parent / 'reason-lm')
+    moved = [k for k, v in m.state_dict().items() if not torch.equal(v, ref.state_dict()[k])]
+    assert moved and all('.mlp.' in k or 'layernorm' in k for k in moved)   # only the transferred MLP and norm tensors change

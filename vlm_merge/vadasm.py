@@ -444,6 +444,8 @@ def load_val(val=None, # None: the zoo's held-out data; or a list of .parquet (f
     return v, t
 
 # %% ../nbs/12_vadasm.ipynb #2e3f2750
+def _model_type(path) -> str|None: return json.loads((Path(path) / 'config.json').read_text()).get('model_type')
+
 def _load(small:str, large:str, no_vision:bool, large_base:str|None, small_base:str|None) -> dict:
     "The models and the small model's tokenizer, loaded in float32 on CPU; refuses a pair whose tokenizers differ."
     from transformers import AutoModelForCausalLM, AutoTokenizer, AutoProcessor, LlavaForConditionalGeneration
@@ -452,13 +454,13 @@ def _load(small:str, large:str, no_vision:bool, large_base:str|None, small_base:
     sb = small_base or _zoo_base(small)
     P = lambda r: resolve_model_path(r)
     M = dict(small=AutoModelForCausalLM.from_pretrained(P(small), dtype=torch.float32).eval(),
-             donor=(AutoModelForCausalLM if no_vision else LlavaForConditionalGeneration).from_pretrained(P(large), dtype=torch.float32).eval(),
+             donor=(LlavaForConditionalGeneration if _model_type(P(large)) == 'llava' else AutoModelForCausalLM).from_pretrained(P(large), dtype=torch.float32).eval(),
              donor_base=AutoModelForCausalLM.from_pretrained(P(lb), dtype=torch.float32).eval(),
              small_base=AutoModelForCausalLM.from_pretrained(P(sb), dtype=torch.float32).eval() if sb else None,
              tok=AutoTokenizer.from_pretrained(P(small)), proc=None if no_vision else AutoProcessor.from_pretrained(P(large)),
              names=dict(small=str(small), large=str(large), large_base=str(lb), small_base=sb))
-    dt = AutoTokenizer.from_pretrained(P(large))
-    if dt.get_vocab() != M['tok'].get_vocab():
+    dv = AutoTokenizer.from_pretrained(P(large)).get_vocab()
+    if any(dv.get(t) != i for t, i in M['tok'].get_vocab().items()):   # the donor may add tokens of its own
         raise VadasmError(f'--small {small} and --large {large} have different tokenizers; the alignment runs both on the same tokens')
     M['tok'].padding_side = 'left'
     if M['proc'] is not None: M['proc'].tokenizer = M['tok']

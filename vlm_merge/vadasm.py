@@ -59,11 +59,14 @@ def pair_layers(n_small:int, # layers of the small model
     if n_small == 1: return [(0, 0)]
     return [(i, round(i * (n_large - 1) / (n_small - 1))) for i in range(n_small)]
 
+
+# %% ../nbs/12_vadasm.ipynb #c0bf62d8
 def aligned_count(n_small:int, # layers of the small model
                   align_layers:float=0.2, # fraction of them, from the input side
                  ) -> int:
     "How many of the first layers are aligned: ceil(align_layers * n_small), at least one."
     return max(1, math.ceil(check_fraction(align_layers, 'align_layers') * n_small - 1e-9))
+
 
 # %% ../nbs/12_vadasm.ipynb #78cfaf3e
 @dataclass
@@ -121,6 +124,8 @@ def lm_parts(model) -> tuple:
     dec = getattr(m, 'language_model', m)
     return dec, getattr(model, 'lm_head', None)
 
+
+# %% ../nbs/12_vadasm.ipynb #8933c6c0
 @torch.no_grad()
 def calibration_activations(model, # a causal LM or a LLaVA-style VLM (its language model is run)
                             tok, # its tokenizer
@@ -143,6 +148,7 @@ def calibration_activations(model, # a causal LM or a LLaVA-style VLM (its langu
         for h in hooks: h.remove()
     return {'hidden': [torch.cat(z) for z in zip(*hid)], 'mlp_in': [torch.cat(z) for z in mlp_in]}
 
+
 # %% ../nbs/12_vadasm.ipynb #a4285e0c
 @torch.no_grad()
 def moe_aggregate(mlp, # a Mixtral / Qwen2-MoE sparse block: `gate` (router) and fused `experts` (gate_up_proj, down_proj)
@@ -164,6 +170,8 @@ def moe_aggregate(mlp, # a Mixtral / Qwen2-MoE sparse block: `gate` (router) and
     down = (w[:, None, None] * ex.down_proj[sel].float()).sum(0)
     return dict(gate=gate, up=up, down=down, experts=sel.tolist(), weights=[round(float(a), 4) for a in w], mass=mass.tolist())
 
+
+# %% ../nbs/12_vadasm.ipynb #abda554e
 @torch.no_grad()
 def dense_mlp(mlp, # an MLP module (gate_proj, up_proj, down_proj) or a sparse MoE block
               x:torch.Tensor|None=None, # its inputs, needed for an MoE block
@@ -175,11 +183,14 @@ def dense_mlp(mlp, # an MLP module (gate_proj, up_proj, down_proj) or a sparse M
         return moe_aggregate(mlp, x, method, top_k)
     return dict(gate=mlp.gate_proj.weight.detach().float(), up=mlp.up_proj.weight.detach().float(), down=mlp.down_proj.weight.detach().float())
 
+
+# %% ../nbs/12_vadasm.ipynb #27d5f248
 def mlp_units(w:dict, # `dense_mlp` weights
               x:torch.Tensor, # (tokens, hidden) MLP inputs
              ) -> torch.Tensor:
     "(tokens, intermediate) activations entering down_proj: silu(x gate^T) * (x up^T)."
     return torch.nn.functional.silu(x @ w['gate'].T) * (x @ w['up'].T)
+
 
 # %% ../nbs/12_vadasm.ipynb #1e56874d
 def map_projector(l1:torch.nn.Linear, # the donor projector's first layer (vision -> donor hidden)
@@ -300,6 +311,8 @@ def split_data(df:pd.DataFrame, # a task table (figure problems or GSM questions
     if n < 1: raise VadasmError(f'no calibration data: a table of {len(df)} row(s) cannot give a validation and a test split')
     return df.iloc[:n].reset_index(drop=True), df.iloc[n:].reset_index(drop=True)
 
+
+# %% ../nbs/12_vadasm.ipynb #b7d29be1
 def score(inf:Inferencer, # the (fused) model
           data:dict, # {'perception': figure problems, 'gsm': GSM questions}; a missing task is skipped
           weights:dict|None=None, # fitness weights (FITNESS_WEIGHTS), renormalised over the tasks present
@@ -314,6 +327,7 @@ def score(inf:Inferencer, # the (fused) model
     tot = sum(w[k] for k in out)
     out['fitness'] = round(sum(w[k] * out[k] for k in out) / tot, 4) if tot else 0.0
     return out
+
 
 # %% ../nbs/12_vadasm.ipynb #906e1bbd
 def evolve(objective, # f(params dict) -> fitness (higher is better)
@@ -408,6 +422,8 @@ def _image_features(donor, proc, images:list) -> torch.Tensor:
     with torch.no_grad(): h = donor.model.vision_tower(pixel_values=px.to(donor.dtype), output_hidden_states=True).hidden_states[c.vision_feature_layer]
     return (h[:, 1:] if c.vision_feature_select_strategy == 'default' else h).reshape(-1, h.shape[-1]).float()
 
+
+# %% ../nbs/12_vadasm.ipynb #c1abc8aa
 def calibration_texts(val:dict # validation tables: 'perception' (figure problems), 'gsm' (questions)
                      ) -> list:
     "Unlabelled texts of the validation split (problems with their labels stated in words, GSM questions): what the alignment runs on."
@@ -418,6 +434,7 @@ def calibration_texts(val:dict # validation tables: 'perception' (figure problem
         out += [text_problem(p, f) if 'figure' in d.columns else p for p, f in zip(d.problem, d.get('figure', d.problem))]
     if val.get('gsm') is not None: out += [gsm_prompt(q) for q in val['gsm'].question]
     return out
+
 
 # %% ../nbs/12_vadasm.ipynb #fb8516d8
 def load_val(val=None, # None: the zoo's held-out data; or a list of .parquet (figure problems) / .tsv (GSM) files or DataFrames
@@ -478,6 +495,8 @@ class VadasmSetup:
     names: dict
     no_vision: bool
 
+
+# %% ../nbs/12_vadasm.ipynb #47c05045
 def prepare(small:str, large:str, # the small text LLM and the donor (folder, zoo name or Hub id)
             no_vision:bool=False, # transfer language deltas only; the output is a text LLM
             val=None, # validation data (`load_val`); None: the zoo's
@@ -511,6 +530,7 @@ def prepare(small:str, large:str, # the small text LLM and the donor (folder, zo
     inf = Inferencer(model=model, processor=proc); step('ready'); bar.close()
     return VadasmSetup(inf, fz, v, t, rep, M['names'], no_vision)
 
+
 # %% ../nbs/12_vadasm.ipynb #bf1583f1
 @dataclass
 class VadasmResult:
@@ -529,6 +549,8 @@ class VadasmResult:
         return dict(params={k: self.params[k] for k in SEARCH_BOUNDS}, val=self.val, test=self.test,
                     evaluations=len(self.history), seconds=self.seconds, out=self.out)
 
+
+# %% ../nbs/12_vadasm.ipynb #c8be8aa9
 def search(setup:VadasmSetup, # from `prepare`
            budget_evals:int=60, budget_s:float|None=240, # the search's budgets (evaluations, seconds)
            seed:int=0, # the optimiser's seed
@@ -542,6 +564,7 @@ def search(setup:VadasmSetup, # from `prepare`
     try: best, hist = evolve(obj, VADASM_DEFAULTS, budget_evals=budget_evals, budget_s=budget_s, seed=seed)
     finally: setup.fuser.restore(); bar.close()
     return best, [{**h, **{k: v for k, v in d.items() if k != 'fitness'}} for h, d in zip(hist, detail)]
+
 
 # %% ../nbs/12_vadasm.ipynb #e0dc0b24
 def _write(setup:VadasmSetup, res:VadasmResult, out_dir, overwrite:bool) -> str:

@@ -339,12 +339,14 @@ def ot_plans(source:str, # the model knowledge is taken from: folder, zoo name o
             ) -> dict:
     "Activations of both models on one token stream, Q for every layer pair and kind, P from their costs; written to out_dir."
     texts = calibration_texts(data)
-    lm_folder(source, 'source'); lm_folder(target, 'target')
-    ma, ta, pa = _load_lm(source, 'source', device); mb, tb, pb = _load_lm(target, 'target', device)
+    from transformers import AutoTokenizer
+    (pa, _), (pb, _) = lm_folder(source, 'source'), lm_folder(target, 'target')
+    ta, tb = AutoTokenizer.from_pretrained(str(pa)), AutoTokenizer.from_pretrained(str(pb))
     check_same_tokenizer(ta, tb, (str(source), str(target)))
-    ids = token_stream(texts, tb, n_tokens, f'calibration data {data}')
+    ids = token_stream(texts, tb, n_tokens, f'calibration data {data}')   # refusals come before any model is loaded
     if not torch.equal(ids, token_stream(texts, ta, n_tokens, f'calibration data {data}')):
         raise TransportError(f'{source} and {target} cut the calibration text into different tokens; a shared stream needs one tokenizer')
+    ma, _, _ = _load_lm(source, 'source', device); mb, _, _ = _load_lm(target, 'target', device)
     Path(out_dir).absolute().resolve()   # a bad path fails before the work
     aa = collect_activations(ma, ids, seq_len, progress=progress, desc='activations (source)')
     ab = collect_activations(mb, ids, seq_len, progress=progress, desc='activations (target)')

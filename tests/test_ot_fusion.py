@@ -112,7 +112,7 @@ def test_ot_fuse_writes_target_architecture(pair, capsys):
     m = transformers.AutoModelForCausalLM.from_pretrained(pair / 'out')
     assert type(m).__name__ == 'LlamaForCausalLM' and m.config.hidden_size == 32
     card = (pair / 'out' / 'README.md').read_text()
-    assert 'ot_fusion' in card and json.loads((pair / 'out' / 'ot_fusion.json').read_text())['alpha'] == 0.4
+    assert 'ot_fusion' in card and '# out' in card and '.tmp-' not in card and json.loads((pair / 'out' / 'ot_fusion.json').read_text())['alpha'] == 0.4
     assert load_hot_residual(m, pair / 'out') > 0
 
 

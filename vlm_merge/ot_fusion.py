@@ -323,13 +323,14 @@ def gsm_train_examples(tok, # the zoo tokenizer
     df = df.head(n) if n else df
     return [encode_example(tok, gsm_prompt(q), a) for q, a in zip(df.question, df.answer)]
 
-# %% ../nbs/13a_ot_fusion.ipynb #fad60c27
-def _card(folder, source, target, params:dict, config:dict, scores=None) -> str:
+# %% ../nbs/13a_ot_fusion.ipynb #62a4d331
+def _card(folder, source, target, params:dict, config:dict, name:str, scores=None) -> str:
+    "The model card of a fused folder (written in its temporary twin, titled by the final name)."
     from vlm_merge.hub import make_model_card
     return make_model_card(folder, sources=[str(target), str(source)], method='ot_fusion', parameters=params, model_config=config,
-                           scores=scores, tags=['optimal-transport', 'cross-architecture']).content
+                           scores=scores, repo_id=name, tags=['optimal-transport', 'cross-architecture']).content
 
-# %% ../nbs/13a_ot_fusion.ipynb #79de20b7
+# %% ../nbs/13a_ot_fusion.ipynb #5995dd21
 def ot_fuse(source:str, # the model knowledge is taken from
             target:str, # the model it is fused into (its architecture, config and tokenizer are kept)
             plans_dir, # a folder from `ot_plans`; or 'index' for the naive index-truncation baseline
@@ -354,12 +355,13 @@ def ot_fuse(source:str, # the model knowledge is taken from
     try:
         for k, v in tm.state_dict().items(): w.add(k, v.detach().cpu().contiguous())
         w.copy_aux(tp)
-        dropped = sum(1 for n in fu.hats if fu.hats[n][1] is None and dict(sm.named_modules()).get(n) is not None and dict(sm.named_modules())[n].bias is not None)
+        sb = sum(m.bias is not None for n, m in sm.named_modules() if isinstance(m, nn.Linear) and n.split('.')[-1] != 'lm_head')
         summ = dict(source=str(source), target=str(target), plans=str(plans_dir), alpha=a, mlp=mlp, residual=residual,
-                    modules=len(fu.hats), P=plans['P'].tolist(), source_shapes=s, target_shapes=t)
+                    modules=len(fu.hats), source_biases_dropped=sb if all(b is None for _, b in fu.hats.values()) else 0,
+                    P=plans['P'].tolist(), source_shapes=s, target_shapes=t)
         if residual: save_hot_residual(w.tmp_dir, fu.residuals(), a)
         w.write_json('ot_fusion.json', summ)
-        w.write_text('README.md', _card(w.tmp_dir, source, target, {k: summ[k] for k in ('alpha', 'mlp', 'residual', 'plans', 'P')}, tm.config.to_dict(), scores))
+        w.write_text('README.md', _card(w.tmp_dir, source, target, {k: summ[k] for k in ('alpha', 'mlp', 'residual', 'plans', 'P')}, tm.config.to_dict(), Path(out_dir).name, scores))
         w.close()
     except BaseException: w.abort(); raise
     return summ

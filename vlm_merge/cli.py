@@ -24,6 +24,8 @@ COMMANDS = {
     'demo':         ('vlm_merge.pipeline:demo_cli',        'the main job on the built-in zoo'),
     'adamms':       ('vlm_merge.adamms:adamms_cli',        'AdaMMS: interpolate two models on one LM base, alpha chosen without labels'),
     'vadasm':       ('vlm_merge.vadasm:vadasm_cli',        'V-ADASM: a large VLM merged into a small text LLM of other dimensions (no training)'),
+    'ot-plans':     ('vlm_merge.ot_fusion:ot_plans_cli',   'optimal transport plans (Q between neurons, P between layers) of two models of any widths'),
+    'ot-fuse':      ('vlm_merge.ot_fusion:ot_fuse_cli',    'fuse a source into a target of another width and depth through OT plans'),
     'upload':       ('vlm_merge.hub:upload_cli',           'upload a merged folder to the Hugging Face Hub with a model card'),
 }
 
@@ -328,10 +330,43 @@ def _vadasm_args(p):
     p.add_argument('--quiet', action='store_true', help='no progress bar')
 
 
+# %% ../nbs/99_cli.ipynb #e1f1cbb5
+def _ot_plans_args(p):
+    p.description = ('Optimal-transport plans between the neurons of --source and --target (Q, per pair of layers and kind) '
+                     'and between their layers (P), from activations on one shared token stream.')
+    p.add_argument('--source', required=True, help=MODEL + '; the model knowledge is taken from')
+    p.add_argument('--target', required=True, help=MODEL + '; the model it is fused into (same tokenizer)')
+    p.add_argument('--data', required=True, help='calibration text: .tsv/.parquet with question/answer (or prompt, text) columns, or .txt')
+    p.add_argument('--out', required=True, help='the plans folder to write (plans.safetensors, summary.json)')
+    p.add_argument('--tokens', type=positive_int, default=4096, help='tokens of the shared stream')
+    p.add_argument('--seq-len', type=positive_int, default=128, help='tokens per forward pass')
+    p.add_argument('--eps', type=float, default=0.05, help='Sinkhorn regularisation of the neuron plans Q')
+    p.add_argument('--eps-p', type=float, default=0.05, help='Sinkhorn regularisation of the layer plan P')
+    p.add_argument('--iters', type=positive_int, default=500, help='maximum Sinkhorn iterations per plan')
+    p.add_argument('--overwrite', action='store_true', help='replace OUT if it is an earlier plans folder')
+    p.add_argument('--quiet', action='store_true', help='no progress bars')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'cuda:1', ...")
+
+
+# %% ../nbs/99_cli.ipynb #cc100332
+def _ot_fuse_args(p):
+    p.description = ('Fuse --source into --target (any widths and depths) through the plans of `vlm-merge ot-plans` at '
+                     'strength --alpha; writes a folder of the target\'s architecture with a model card.')
+    p.add_argument('--source', required=True, help=MODEL)
+    p.add_argument('--target', required=True, help=MODEL + '; its architecture, config and tokenizer are kept')
+    p.add_argument('--plans', required=True, help="a folder from `vlm-merge ot-plans`, or 'index' for the naive index-truncation baseline")
+    p.add_argument('--alpha', required=True, help='strength of the transported source in [0, 1] (0: the target)')
+    p.add_argument('--out', required=True, help='the folder to write')
+    p.add_argument('--attention-only', action='store_true', help='fuse q/k/v/o only (the MLP stays the target\'s)')
+    p.add_argument('--residual', action='store_true', help='also write the transport-based residuals (hot_residual.safetensors)')
+    p.add_argument('--overwrite', action='store_true', help='replace OUT if it is an earlier vlm_merge output (never an input)')
+    p.add_argument('--device', default='cpu', help="'cpu', 'cuda', 'cuda:1', ...")
+
+
 # %% ../nbs/99_cli.ipynb #bd6eb0ee
 PARSERS = {'inspect': _inspect_args, 'zoo': _zoo_args, 'infer': _infer_args, 'merge': _merge_args, 'detect': _detect_args,
            'shared': _shared_args, 'neuron-merge': _neuron_merge_args, 'run': _run_args, 'demo': _demo_args, 'upload': _upload_args,
-           'adamms': _adamms_args, 'vadasm': _vadasm_args}
+           'adamms': _adamms_args, 'vadasm': _vadasm_args, 'ot-plans': _ot_plans_args, 'ot-fuse': _ot_fuse_args}
 
 def parser_for(command:str # a key of `PARSERS`
               ) -> argparse.ArgumentParser:

@@ -396,6 +396,8 @@ def _sliced_config(cfg:dict, layers:list, n_src:dict) -> dict:
     return cfg
 
 # %% ../nbs/09_plan.ipynb #bada5036
+_LAYER0_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.0\.')   # the layer number in a key of layer 0 (Llama, GPT-2, ...)
+
 def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tuple[list, dict]:
     "(the plan items of a `slices` merge, the output config): pre-layer tensors from the first slice, each slice's layers in turn, the rest from the last."
     canon = {r: _canon_map(readers[r]) for r in readers}
@@ -438,7 +440,8 @@ def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tu
             for x in names:
                 tmpl = canon[out_ref].get(f'layers.0.{x}')
                 if tmpl is None: raise MergeRefused(f'slices: the output model {out_ref} has no layers.0.{x}')
-                out_key = re.sub(r'(?:^|(?<=\.))layers\.0\.', f'layers.{L}.', tmpl, count=1)
+                out_key, hit = _LAYER0_RE.subn(lambda mm: f'{mm.group(1)}{mm.group(2)}.{L}.', tmpl, count=1)
+                if not hit: raise MergeRefused(f'slices: cannot find the layer number in {tmpl!r} of {out_ref}')
                 add(out_key, i, {s['model']: f"layers.{s['layer_range'][0] + j}.{x}" for s in sl['sources']}, t)
     for k in post: add(k, last, {s['model']: inv[k] for s in config.slices[last]['sources']}, 0.0)
     rest = [k for k in out_r.keys() if inv.get(k) is None]   # outside the language model (vision tower, projector): the output model's

@@ -80,6 +80,11 @@ def check_params(method:str, # a name in `MERGE_METHODS`
             rng = _RANGE_OVERRIDES.get(method, {}).get(k, PARAM_RANGES.get(k))
             if rng is not None and not rng[1](v):
                 raise ValueError(f'{method}: {who}.{k} = {v!r} is outside {rng[0]}' + (f' (for {where})' if where else ''))
+    if method in ('della', 'della_linear'):   # DELLA's keep probabilities density +- epsilon must stay inside (0, 1)
+        for i, q in enumerate(params):
+            d, e = float((q or {}).get('density', 1.0)), float((q or {}).get('epsilon', 0.15))
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise ValueError(f'{method}: models[{i}].parameters: epsilon {e} must keep density {d} +- epsilon inside (0, 1)' + (f' (for {where})' if where else ''))
 
 # %% ../nbs/07_task_vectors.ipynb #747a2bcd
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,

@@ -396,15 +396,26 @@ def _sliced_config(cfg:dict, layers:list, n_src:dict) -> dict:
     return cfg
 
 # %% ../nbs/09_plan.ipynb #bada5036
+_ANY_LAYER_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.')
+
+def _raw_canon(reader) -> dict:
+    "For a family the anatomy does not know: 'layers.N.<rest of the key>' -> key for decoder-layer keys, the key itself for the others."
+    out = {}
+    for k in reader.keys():
+        m = _ANY_LAYER_RE.search(k)
+        out[f'layers.{m.group(3)}.{k[m.end():]}' if m else k] = k
+    return out
+
 _LAYER0_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.0\.')   # the layer number in a key of layer 0 (Llama, GPT-2, ...)
 
 def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tuple[list, dict]:
     "(the plan items of a `slices` merge, the output config): pre-layer tensors from the first slice, each slice's layers in turn, the rest from the last."
-    canon = {r: _canon_map(readers[r]) for r in readers}
-    miss = [r for r in dict.fromkeys(s['model'] for sl in config.slices for s in sl['sources']) if not canon[r]]
-    if miss: raise MergeRefused(f'slices: the family of {", ".join(miss)} is unknown to vlm_merge.anatomy, so its layers cannot be renumbered')
+    canon = {r: _canon_map(readers[r]) or _raw_canon(readers[r]) for r in readers}
+    miss = [r for r in dict.fromkeys(s['model'] for sl in config.slices for s in sl['sources']) if not any(c.startswith('layers.') for c in canon[r])]
+    if miss: raise MergeRefused(f'slices: no decoder layers found in {", ".join(miss)} (neither a family vlm_merge.anatomy knows nor `layers.N.` / `h.N.` keys)')
     out_r = readers[out_ref]; inv = {k: c for c, k in canon[out_ref].items()}
-    n_src = {r: _n_layers(readers[r]) for r in canon if canon[r]}
+    n_src = {r: 1 + max((int(c.split('.')[1]) for c in canon[r] if c.startswith('layers.')), default=-1) for r in canon}
+    is_pre = lambda k: inv[k].startswith('embed') or re.search(r'(^|\.)(wte|wpe|embed_tokens|embeddings)\.', k) is not None
     items, layers = [], []; config.slice_of.clear()
     def add(out_key, i_sl, c_by_ref, t):
         sl = config.slices[i_sl]; base = sl.get('base_model') or config.base_model
@@ -424,7 +435,7 @@ def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tu
         _check_item_params(config, out_key, t)
         items.append(PlanItem(out_key, 'merge', srcs, base_key=base_key, t=t, shape=shape, canon=c_by_ref[next(iter(srcs))]))
     last = len(config.slices) - 1
-    pre = [k for k in out_r.keys() if inv.get(k) is not None and _layer_of(inv[k], k) is None and inv[k].startswith('embed')]
+    pre = [k for k in out_r.keys() if inv.get(k) is not None and _layer_of(inv[k], k) is None and is_pre(k)]
     post = [k for k in out_r.keys() if inv.get(k) is not None and _layer_of(inv[k], k) is None and k not in pre]
     for k in pre: add(k, 0, {s['model']: inv[k] for s in config.slices[0]['sources']}, 0.0)
     for i, sl in enumerate(config.slices):
@@ -475,7 +486,7 @@ def build_plan(config:MergeConfig, # the merge
     needs_base = _uses_base(config)
     if config.merge_method == 'slerp' and len(config.non_base) != 1:
         raise MergeConfigError(f'models: slerp merges base_model with exactly one other model, got {len(config.non_base)}')
-    if not config.non_base: raise MergeConfigError('models: nothing to merge besides the base model')
+    if not merged_models(config): raise MergeConfigError('models: nothing to merge besides the base model')
     canon = {r: _canon_map(readers[r]) for r in merged_refs + [out_ref]}
     use_canon = all(canon[r] for r in canon)
     if not use_canon and mixed: raise MergeRefused('cannot match a VLM with a text LLM: the family of ' +

@@ -349,7 +349,10 @@ def _token_views(config:MergeConfig, readers:dict, refs:list, out_ref:str, warn:
     import tempfile
     readers = dict(readers)   # the inputs as opened: the views read through them
     tmp = Path(tempfile.mkdtemp(prefix='vlm_merge_tok_'))
-    tok = _out_tokenizer(config, readers, refs, tmp)
+    try: tok = _out_tokenizer(config, readers, refs, tmp)
+    except MergeRefused as e:
+        if config.tokenizer_source == 'union' or config.tokenizer.get('tokens') or config.tokenizer.get('pad_to_multiple_of'): raise
+        warn.append(f'{e}; its files are copied as they are and embedding rows are matched by row number'); return {}
     vocab = tok.get_vocab(); V = len(vocab); pad = config.tokenizer.get('pad_to_multiple_of')
     n_out = -(-V // pad) * pad if pad else V
     vocabs, perms, ekeys = {}, {}, {}
@@ -361,7 +364,9 @@ def _token_views(config:MergeConfig, readers:dict, refs:list, out_ref:str, warn:
         vocabs[r] = v
         perms[r] = torch.tensor([v[w] if w in v and (rows is None or v[w] < rows) else -1 for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
     same = all(bool((perms[r] == torch.arange(V)).all()) and readers[r].shape(k)[0] == n_out for r in refs for k in ekeys[r])
-    if same and not config.tokenizer.get('tokens'): return {r: ViewReader(readers[r], tokenizer_path=tmp) for r in [out_ref]}
+    if same and not config.tokenizer.get('tokens'):
+        if config.tokenizer_source != 'union': return {}   # nothing to align: the source's own tokenizer files are copied
+        return {out_ref: ViewReader(readers[out_ref], tokenizer_path=tmp)}
     by_canon = {}   # canonical embedding name -> {ref: key}
     for r in refs:
         for k in ekeys[r]: by_canon.setdefault(canonical_key(k, _family(readers[r].config)), {})[r] = k

@@ -400,7 +400,7 @@ def _sliced_config(cfg:dict, layers:list, n_src:dict) -> dict:
         if k in t: t[k] = len(layers)
     return cfg
 
-# %% ../nbs/09_plan.ipynb #bada5036
+# %% ../nbs/09_plan.ipynb #81b526cc
 _ANY_LAYER_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.')
 
 def _raw_canon(reader) -> dict:
@@ -413,6 +413,7 @@ def _raw_canon(reader) -> dict:
 
 _LAYER0_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.0\.')   # the layer number in a key of layer 0 (Llama, GPT-2, ...)
 
+# %% ../nbs/09_plan.ipynb #bada5036
 def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tuple[list, dict]:
     "(the plan items of a `slices` merge, the output config): pre-layer tensors from the first slice, each slice's layers in turn, the rest from the last."
     canon = {r: _canon_map(readers[r]) or _raw_canon(readers[r]) for r in readers}
@@ -465,6 +466,14 @@ def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tu
     warn.append(f'slices: {len(layers)} layers stacked from ' + ', '.join(f"{s['model']}[{s['layer_range'][0]}:{s['layer_range'][1]}]" for sl in config.slices for s in sl['sources']))
     return items, _sliced_config(out_r.config, layers, n_src) if out_r.config else None
 
+# %% ../nbs/09_plan.ipynb #b7efd459
+def _tokens_and_template(config:MergeConfig, readers:dict, merged_refs:list, out_ref:str, warn:list):
+    "Put the token views into `readers` (embeddings aligned by token, the output's tokenizer) and resolve `chat_template: auto`."
+    if config.tokenizer_source is not None:
+        readers.update(_token_views(config, readers, list(dict.fromkeys(merged_refs + [out_ref])), out_ref, warn))
+        if config.tokenizer_source == 'union': readers['union'] = ViewReader(readers[out_ref])   # where the engine copies the tokenizer from
+    if config.chat_template == 'auto': config.chat_template = _auto_chat_template(readers, merged_refs, warn)
+
 # %% ../nbs/09_plan.ipynb #e48d8033
 def build_plan(config:MergeConfig, # the merge
                readers:dict|None=None, # model ref -> open CheckpointReader (opened here when None)
@@ -478,11 +487,7 @@ def build_plan(config:MergeConfig, # the merge
     _check_architectures({r: readers[r].config for r in merged_refs}, allow, warn, ignore=('n_layers',) if config.slices else ())
     out_ref, mixed = _output_model(config, readers, refs, merged_refs)
     emb_policy = config.embeddings if config.embeddings != 'auto' else ('output' if mixed else 'merge')
-    if config.tokenizer_source is not None:   # embeddings aligned by token; the tokenizer the output takes
-        views = _token_views(config, readers, list(dict.fromkeys(merged_refs + [out_ref])), out_ref, warn)
-        readers.update(views)
-        if config.tokenizer_source == 'union': readers['union'] = ViewReader(readers[out_ref])   # where the engine copies the tokenizer from
-    if config.chat_template == 'auto': config.chat_template = _auto_chat_template(readers, merged_refs, warn)
+    _tokens_and_template(config, readers, merged_refs, out_ref, warn)
     if config.slices:
         items, out_cfg = _slice_items(config, readers, out_ref, warn)
         if out_cfg is not None: readers[out_ref] = ViewReader(readers[out_ref], config=out_cfg)

@@ -271,10 +271,10 @@ def test_refusals():
 @pytest.mark.parametrize('method', sorted(MERGE_METHODS))
 def test_inputs_are_never_modified(method):
     b = rand((8, 8), 0); xs = [b + rand((8, 8), 1), b + rand((8, 8), 2)]
-    if method == 'slerp': xs = xs[:1]
+    if method in ('slerp', 'nearswap', 'arcee_fusion', 'passthrough'): xs = xs[:1]   # methods of exactly two models (one with passthrough)
     keep = [b.clone()] + [x.clone() for x in xs]
-    ps = [{'weight': 0.5, 'density': 0.5}] * len(xs)
-    merge_tensors(method, b, xs, ps, {'tensor_name': 'w', 'rescale': True}, seed=0)
+    ps = [{'weight': 0.5, 'density': 0.5, 'scale': 0.5}] * len(xs)
+    merge_tensors(method, b, xs, ps, {'tensor_name': 'w', 'rescale': True, 't': 0.5}, seed=0)
     for a, c in zip([b] + xs, keep): assert torch.equal(a, c)
 
 

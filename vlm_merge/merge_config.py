@@ -13,9 +13,9 @@ from .methods import MERGE_METHODS, is_lora_adapter
 from .checkpoints import patch
 
 # %% auto #0
-__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX_YAML_NODES', 'MergeConfigError', 'MergeRefused',
-           'to_dtype', 'lora_parts', 'safe_yaml', 'InputModel', 'MergeConfig', 'resolve_setting', 'merged_models',
-           'tensor_parameters']
+__all__ = ['DTYPES', 'SPARSEGPT_DEFAULTS', 'SPARSIFYING', 'MAX_YAML_BYTES', 'MAX_YAML_NODES', 'CHAT_TEMPLATES',
+           'MergeConfigError', 'MergeRefused', 'to_dtype', 'lora_parts', 'safe_yaml', 'InputModel', 'MergeConfig',
+           'chat_template_text', 'resolve_setting', 'merged_models', 'tensor_parameters']
 
 # %% ../nbs/09_config.ipynb #a520767b
 class MergeConfigError(ValueError):
@@ -150,7 +150,7 @@ def safe_yaml(text:str, # YAML text
 # %% ../nbs/09_config.ipynb #c2f05417
 _MERGEKIT_KEYS = {'merge_method', 'base_model', 'models', 'slices', 'modules', 'parameters', 'dtype', 'out_dtype',
                   'tokenizer_source', 'tokenizer', 'chat_template', 'name'}
-_OWN_KEYS = {'output_model', 'embeddings', 'merge_layers', 'allow_mismatched_architectures', 'seed', 'sparsegpt'}
+_OWN_KEYS = {'output_model', 'embeddings', 'merge_layers', 'allow_mismatched_architectures', 'seed', 'sparsegpt', 'intermediate_dir'}
 def _base_methods() -> set:
     "Methods that need a base_model (the task-vector family) plus slerp, whose base is one end."
     return {n for n, m in MERGE_METHODS.items() if m.needs_base} | {'slerp'}
@@ -182,6 +182,10 @@ class MergeConfig:
     allow_mismatched_architectures: bool = False   # opt in to different text architectures
     seed: int|None = None               # seed of random methods
     sparsegpt: dict = field(default_factory=dict)   # calibration data and settings of `use_sparsegpt` (see SPARSEGPT_DEFAULTS)
+    slices: list|None = None            # mergekit `slices`: [{sources: [{model, layer_range, parameters}], parameters, base_model}]
+    tokenizer: dict = field(default_factory=dict)  # mergekit `tokenizer:` section less `source`: {tokens: {...}, pad_to_multiple_of: N}
+    prerequisites: list = field(default_factory=list, repr=False)   # multi-document configs: [(name, MergeConfig, out_dir)] merged first
+    slice_of: dict = field(default_factory=dict, repr=False)   # set by `build_plan` for `slices`: output tensor -> slice index
     raw: dict = field(default_factory=dict, repr=False)   # the dict it was read from (for the model card)
 
 # %% ../nbs/09_config.ipynb #f4309802
@@ -191,10 +195,14 @@ def _check_keys(d:dict # the parsed YAML
     if not isinstance(d, dict): raise MergeConfigError(f'config: expected a mapping, got {type(d).__name__}')
     unknown = set(d) - _MERGEKIT_KEYS - _OWN_KEYS
     if unknown: raise MergeConfigError(f'config: unknown key(s) {sorted(unknown)}; known: {sorted(_MERGEKIT_KEYS | _OWN_KEYS)}')
-    for k, why in [('slices', "layer slices (frankenmerges) are not supported; use `models` with vlm_merge's `merge_layers`"),
-                   ('modules', 'per-module configs are not supported; use `models`'),
-                   ('tokenizer', 'the `tokenizer` section is not supported; use `tokenizer_source` (a model or "base")')]:
-        if d.get(k): raise MergeConfigError(f'{k}: {why}')
+    if d.get('modules'):
+        raise MergeConfigError("modules: per-module configs (mergekit's `modules:` for multi-module models) are not supported; "
+                               "use `models` or `slices` (a VLM's vision tower is taken from `output_model`)")
+    if bool(d.get('models')) == bool(d.get('slices')):
+        raise MergeConfigError('models / slices: give exactly one of `models` (whole models) or `slices` (layer ranges)'
+                               + ('' if d.get('models') else '; neither is given'))
+    if d.get('tokenizer') is not None and d.get('tokenizer_source') is not None:
+        raise MergeConfigError('tokenizer: give either `tokenizer` or `tokenizer_source`, not both (`tokenizer.source` replaces it)')
     if 'merge_method' not in d: raise MergeConfigError('merge_method: missing; one of ' + ', '.join(sorted(MERGE_METHODS)))
     if d.get('name') is not None and (not isinstance(d['name'], str) or len(d['name']) > 200 or '\n' in d['name']):
         raise MergeConfigError(f"name: expected one line of text (at most 200 characters), got a {type(d['name']).__name__}")
@@ -207,6 +215,7 @@ def _check_keys(d:dict # the parsed YAML
 def _read_models(d:dict # the parsed YAML
                 ) -> list:
     "The `models:` entries of config `d` as `InputModel`s (a bare adapter not yet given its base)."
+    if d.get('slices'): return [InputModel(r) for r in dict.fromkeys(s['model'] for sl in d['slices'] for s in sl['sources'])]
     if not d.get('models'): raise MergeConfigError('models: missing or empty; list the models to merge')
     models = []
     for i, m in enumerate(d['models']):
@@ -231,6 +240,92 @@ def _merge_layers(d:dict # the parsed YAML
             raise MergeConfigError(f'merge_layers: expected a list of [start, end) integer pairs, got {d["merge_layers"]!r}')
         ml = [list(r) for r in ml]
     return ml
+
+# %% ../nbs/09_config.ipynb #cf5eb4e2
+def _read_slices(d:dict # the parsed YAML
+                ) -> list|None:
+    "mergekit's `slices` of config `d`, checked and normalised: each source a model reference, an integer `layer_range` [start, end), its parameters."
+    if not d.get('slices'): return None
+    if not isinstance(d['slices'], list): raise MergeConfigError('slices: expected a list of {sources: [...]}')
+    out = []
+    for i, sl in enumerate(d['slices']):
+        f = f'slices[{i}]'
+        if not isinstance(sl, dict) or not sl.get('sources'): raise MergeConfigError(f'{f}: expected a mapping with a non-empty `sources` list')
+        extra = set(sl) - {'sources', 'parameters', 'base_model', 'residual_weight'}
+        if extra: raise MergeConfigError(f'{f}: unknown key(s) {sorted(extra)}')
+        if sl.get('residual_weight') is not None: raise MergeConfigError(f'{f}.residual_weight: not supported (mergekit ignores it too)')
+        srcs = []
+        for j, s in enumerate(sl['sources']):
+            g = f'{f}.sources[{j}]'
+            if not isinstance(s, dict) or 'model' not in s or 'layer_range' not in s: raise MergeConfigError(f'{g}: expected {{model, layer_range}}')
+            lr = s['layer_range']
+            if not (isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr) and 0 <= lr[0] < lr[1]):
+                raise MergeConfigError(f'{g}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}')
+            extra = set(s) - {'model', 'layer_range', 'parameters'}
+            if extra: raise MergeConfigError(f'{g}: unknown key(s) {sorted(extra)}')
+            srcs.append({'model': _model_ref(s['model'], f'{g}.model'), 'layer_range': list(lr), 'parameters': dict(s.get('parameters') or {})})
+        n = {s['layer_range'][1] - s['layer_range'][0] for s in srcs}
+        if len(n) > 1: raise MergeConfigError(f'{f}: every source of a slice must span the same number of layers, got {sorted(n)}')
+        refs = [s['model'] for s in srcs]
+        if len(set(refs)) < len(refs): raise MergeConfigError(f'{f}: a model appears twice among the sources of one slice; vlm_merge merges one range per model per slice')
+        out.append({'sources': srcs, 'parameters': dict(sl.get('parameters') or {}),
+                    'base_model': _model_ref(sl['base_model'], f'{f}.base_model') if sl.get('base_model') else None})
+    return out
+
+# %% ../nbs/09_config.ipynb #cd9b63a1
+def _tokenizer_section(d:dict # the parsed YAML
+                      ) -> tuple[str|None, dict]:
+    "(tokenizer source, {tokens, pad_to_multiple_of}) from `tokenizer_source` or mergekit's `tokenizer:` section (whose `source` defaults to 'union')."
+    t = d.get('tokenizer')
+    if t is None:
+        ts = d.get('tokenizer_source')
+        return (None if ts is None else _model_ref(ts, 'tokenizer_source') if ts not in ('union', 'base') else ts), {}
+    if not isinstance(t, dict): raise MergeConfigError('tokenizer: expected a mapping of source, tokens, pad_to_multiple_of')
+    bad = set(t) - {'source', 'tokens', 'pad_to_multiple_of'}
+    if bad: raise MergeConfigError(f'tokenizer: unknown key(s) {sorted(bad)}; known: source, tokens, pad_to_multiple_of')
+    src = t.get('source', 'union')
+    src = src if src in ('union', 'base') else _model_ref(src, 'tokenizer.source')
+    pad = t.get('pad_to_multiple_of')
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
+        raise MergeConfigError(f'tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}')
+    toks = t.get('tokens') or {}
+    if not isinstance(toks, dict): raise MergeConfigError('tokenizer.tokens: expected a mapping of token -> {source, force}')
+    out = {}
+    for tok, c in toks.items():
+        f = f'tokenizer.tokens[{tok!r}]'
+        if not isinstance(c, dict) or set(c) - {'source', 'force'}: raise MergeConfigError(f'{f}: expected {{source, force}}')
+        s = c.get('source')
+        if isinstance(s, dict) and s.get('kind') == 'zero': s = {'kind': 'zero'}
+        elif isinstance(s, dict) and s.get('kind') == 'model_token':
+            if ('token' in s) == ('token_id' in s): raise MergeConfigError(f'{f}.source: a model_token source names exactly one of token, token_id')
+            s = {'kind': 'model_token', 'model': _model_ref(s.get('model'), f'{f}.source.model'), **{k: s[k] for k in ('token', 'token_id') if k in s}}
+        elif s is not None: s = _model_ref(s, f'{f}.source')
+        out[str(tok)] = {'source': s, 'force': bool(c.get('force', False))}
+    return src, {'tokens': out, 'pad_to_multiple_of': pad}
+
+# %% ../nbs/09_config.ipynb #ff5fbbae
+CHAT_TEMPLATES = {   # mergekit's template names, written out here
+    'chatml': ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    'llama3': ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    'mistral': ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% else %}{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"),
+    'alpaca': ("{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}{% elif message['role'] == 'user' %}"
+               "{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"),
+    'exaone': ("{% for message in messages %}{{ '[|' + message['role'] + '|]' + message['content'] }}{% if message['role'] == 'assistant' %}{{ '[|endofturn|]\\n' }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}")}
+
+def chat_template_text(value:str|None, # a name in CHAT_TEMPLATES, 'auto', or a Jinja template
+                      ) -> str|None:
+    "The Jinja template that `chat_template: value` stands for; 'auto' stays 'auto' (resolved from the models by `build_plan`)."
+    if value is None or value == 'auto': return value
+    if not isinstance(value, str): raise MergeConfigError(f'chat_template: expected a name or a Jinja template, got {type(value).__name__}')
+    if value in CHAT_TEMPLATES: return CHAT_TEMPLATES[value]
+    if len(value) < 20 or '{' not in value:
+        raise MergeConfigError(f"chat_template: {value!r} is neither a known name ({', '.join(sorted(CHAT_TEMPLATES))}, auto) nor a Jinja template")
+    return value
 
 # %% ../nbs/09_config.ipynb #9bd2de9e
 def _check_sparsegpt_use(method:str, params:dict, sp:dict, base:str|None, models:list):
@@ -258,9 +353,11 @@ def from_dict(cls:MergeConfig, d:dict # the parsed YAML
     for i, m in enumerate(models): m.model = _with_base(m.model, known, f'models[{i}].model')
     dup = [m.model for i, m in enumerate(models) if m.model in [x.model for x in models[:i]]]
     if dup: raise MergeConfigError(f'models: {dup[0]!r} is listed twice')
-    if method in _base_methods() and base is None: raise MergeConfigError(f'base_model: {method} needs a base_model')
-    ts = d.get('tokenizer_source')
-    if ts == 'union': raise MergeConfigError("tokenizer_source: 'union' is not supported; name a model or 'base'")
+    if method in _base_methods() and base is None and not (d.get('slices') and all(sl.get('base_model') for sl in d['slices'])):
+        raise MergeConfigError(f'base_model: {method} needs a base_model')
+    ts, tok = _tokenizer_section(d)
+    if ts == 'base' and base is None: raise MergeConfigError("tokenizer_source: 'base' needs a base_model")
+    slices = _read_slices(d)
     emb = d.get('embeddings', 'auto')
     if emb not in ('auto', 'output', 'merge'): raise MergeConfigError(f"embeddings: expected 'auto', 'output' or 'merge', got {emb!r}")
     ml = _merge_layers(d)
@@ -270,20 +367,85 @@ def from_dict(cls:MergeConfig, d:dict # the parsed YAML
     _check_sparsegpt_use(method, params, sp, base, models)
     out_ref = _with_base(_model_ref(d['output_model'], 'output_model'), known, 'output_model') if d.get('output_model') else None
     return cls(merge_method=method, models=models, base_model=base, parameters=params,
-               dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=d.get('chat_template'),
+               dtype=d.get('dtype'), out_dtype=d.get('out_dtype'), tokenizer_source=ts, chat_template=chat_template_text(d.get('chat_template')),
                name=d.get('name'), output_model=out_ref,
                embeddings=emb, merge_layers=ml, allow_mismatched_architectures=bool(d.get('allow_mismatched_architectures', False)),
-               seed=d.get('seed'), sparsegpt=sp, raw=dict(d))
+               seed=d.get('seed'), sparsegpt=sp, slices=slices, tokenizer=tok, raw=dict(d))
 
 # %% ../nbs/09_config.ipynb #3542ac12
+_REF_KEYS = ('model', 'base_model', 'tokenizer_source', 'output_model', 'source')
+
+def _swap_refs(x, paths:dict):
+    "`x` with every model reference that names an earlier merge (`paths`: name -> folder) replaced by that merge's folder."
+    if isinstance(x, list): return [_swap_refs(v, paths) for v in x]
+    if not isinstance(x, dict): return x
+    swap = lambda k, v: (paths.get(v, v) if k in _REF_KEYS and isinstance(v, str) else
+                         [paths.get(m, m) if isinstance(m, str) else _swap_refs(m, paths) for m in v] if k == 'models' and isinstance(v, list)
+                         else _swap_refs(v, paths))
+    return {k: swap(k, v) for k, v in x.items()}
+
+def _multi_config(cls, docs:list, text:str, src:str) -> MergeConfig:
+    "The final merge of a multi-document config (mergekit-multi), with the named merges it needs as `prerequisites`, in dependency order."
+    import hashlib
+    named = {}
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict): raise MergeConfigError(f'{src}: document {i + 1} is not a mapping')
+        n = d.get('name')
+        if n is not None and n in named: raise MergeConfigError(f'{src}: two documents are named {n!r}')
+        if n is not None: named[n] = d
+    finals = [d for d in docs if d.get('name') is None]
+    if len(finals) > 1: raise MergeConfigError(f'{src}: {len(finals)} documents have no `name`; only the final merge may be unnamed')
+    refs = lambda d: {v for v in _walk_refs(d) if v in named and v != d.get('name')}
+    order, state = [], {}
+    def visit(n, path):
+        if state.get(n) == 'done': return
+        if state.get(n) == 'open': raise MergeConfigError(f"{src}: merges reference each other in a cycle: {' -> '.join(path + [n])}")
+        state[n] = 'open'
+        for r in sorted(refs(named[n])): visit(r, path + [n])
+        state[n] = 'done'; order.append(n)
+    final = finals[0] if finals else None
+    for n in named: visit(n, [])
+    if final is None: final = named[order[-1]]
+    root = Path(next((d['intermediate_dir'] for d in docs if d.get('intermediate_dir')), None)
+                or Path('~/.cache/vlm_merge/intermediates').expanduser() / hashlib.sha256(text.encode()).hexdigest()[:16]).expanduser()
+    paths = {n: str(root / n) for n in order}
+    need = [n for n in order if named[n] is not final]
+    pre = [(n, cls.from_dict(_swap_refs({k: v for k, v in named[n].items() if k != 'intermediate_dir'}, paths)), paths[n]) for n in need]
+    cfg = cls.from_dict(_swap_refs({k: v for k, v in final.items() if k != 'intermediate_dir'}, paths))
+    cfg.prerequisites = pre
+    return cfg
+
+def _walk_refs(x):
+    "Every string under a model-reference key of `x`."
+    if isinstance(x, list):
+        for v in x: yield from _walk_refs(v)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if k in _REF_KEYS and isinstance(v, str): yield v
+            elif k == 'models' and isinstance(v, list): yield from (m for m in v if isinstance(m, str)); yield from _walk_refs([m for m in v if not isinstance(m, str)])
+            else: yield from _walk_refs(v)
+
+# %% ../nbs/09_config.ipynb #0aaf1f7e
 @patch(cls_method=True)
-def from_yaml(cls:MergeConfig, src:str|Path # a YAML file, or YAML text
+def from_yaml(cls:MergeConfig, src:str|Path # a YAML file, or YAML text (several documents: mergekit-multi)
              ) -> MergeConfig:
-    "Read a config from a YAML file (or a YAML string)."
+    "Read a config from a YAML file (or a YAML string); a multi-document config gives its final merge, the named merges it needs as `prerequisites`."
     text = Path(src).read_text() if '\n' not in str(src) and Path(src).exists() else str(src)
     if '\n' not in str(src) and not Path(src).exists() and str(src).endswith(('.yml', '.yaml')):
         raise MergeConfigError(f'{src}: no such config file')
-    return cls.from_dict(safe_yaml(text, str(src) if len(str(src)) < 200 else 'config'))
+    where = str(src) if len(str(src)) < 200 else 'config'
+    if not any(l.rstrip() == '---' for l in text.splitlines()[1:]): return cls.from_dict(safe_yaml(text, where))
+    docs = [safe_yaml(t, where) for t in _split_docs(text)]
+    docs = [d for d in docs if d is not None]
+    return cls.from_dict(docs[0]) if len(docs) == 1 else _multi_config(cls, docs, text, where)
+
+def _split_docs(text:str) -> list:
+    "The documents of a YAML stream, split at `---` lines (each then read by `safe_yaml`, within its limits)."
+    docs, cur = [], []
+    for l in text.splitlines(True):
+        if l.rstrip() == '---': docs.append(''.join(cur)); cur = []
+        else: cur.append(l)
+    return docs + [''.join(cur)]
 
 # %% ../nbs/09_config.ipynb #8a2fec29
 @patch(as_prop=True)
@@ -337,22 +499,31 @@ def resolve_setting(setting:Any, # a scalar, a gradient list, or a list of {filt
     raise MergeConfigError(f'parameters: unexpected setting {setting!r}')
 
 # %% ../nbs/09_config.ipynb #04814be4
+def _uses_base(config:MergeConfig) -> bool:
+    "Whether the base model's tensor goes to the method apart from the others: a method that needs one, slerp, or one that takes an optional base when it is named."
+    m = MERGE_METHODS[config.merge_method]
+    return config.merge_method in _base_methods() or (m.optional_base and config.base_model is not None)
+
 def merged_models(config:MergeConfig) -> list:
     "The `models` entries whose tensors are combined: all of them for linear, the non-base ones for methods with a base."
-    return config.non_base if config.merge_method in _base_methods() else list(config.models)
+    return config.non_base if _uses_base(config) else list(config.models)
 
 # %% ../nbs/09_config.ipynb #a6817b7d
+def _slice_models(config:MergeConfig, sl:dict) -> list:
+    "The sources of slice `sl` as `InputModel`s (their own parameters), the base left out when the method takes it apart."
+    base = sl.get('base_model') or config.base_model
+    return [InputModel(s['model'], s['parameters']) for s in sl['sources'] if not (_uses_base(config) and s['model'] == base)]
+
 def tensor_parameters(config:MergeConfig, # the merge
                       tensor_name:str, # output tensor name
                       t:float=0.0 # layer position in [0, 1]
                      ) -> tuple[list, dict]:
-    "(per-model parameter dicts for `merged_models(config)`, global parameter dict) for one tensor."
-    glob = {k: v for k, v in ((k, resolve_setting(s, tensor_name, t)) for k, s in config.parameters.items()) if v is not None}
-    per = []
-    for m in merged_models(config):
-        p = dict(glob)
-        for k, s in m.parameters.items():
-            v = resolve_setting(s, tensor_name, t)
-            if v is not None: p[k] = v
-        per.append(p)
-    return per, glob
+    "(per-model parameter dicts for `merged_models(config)` (with `slices`: the tensor's slice's sources), global parameter dict) for one tensor."
+    res = lambda ps: {k: v for k, v in ((k, resolve_setting(s, tensor_name, t)) for k, s in ps.items()) if v is not None}
+    glob = res(config.parameters)
+    models = merged_models(config)
+    if config.slices and tensor_name in config.slice_of:   # mergekit: a source's own setting, then its slice's, then the global one
+        sl = config.slices[config.slice_of[tensor_name]]
+        glob = {**glob, **res(sl['parameters'])}
+        models = _slice_models(config, sl)
+    return [{**glob, **res(m.parameters)} for m in models], glob

@@ -14,8 +14,9 @@ from .checkpoints import patch
 # %% auto #0
 __all__ = ['MERGE_METHODS', 'PARAM_RANGES', 'task_arithmetic', 'ties', 'dare_ties', 'dare_linear', 'breadcrumbs',
            'breadcrumbs_ties', 'MergeMethod', 'register_method', 'get_method', 'check_params', 'merge_tensors',
-           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'kth_largest_bits', 'chunk_topk_mask', 'sparsify',
-           'generalized_task_arithmetic', 'slerp', 'lora_delta', 'fold_lora', 'LoraAdapter', 'is_lora_adapter']
+           'linear', 'kth_largest', 'topk_mask', 'bottom_mask', 'kth_largest_bits', 'chunk_topk_mask', 'della_mask',
+           'sparsify', 'generalized_task_arithmetic', 'slerp', 'lora_delta', 'fold_lora', 'LoraAdapter',
+           'is_lora_adapter']
 
 # %% ../nbs/07_task_vectors.ipynb #32573b9a
 @dataclass
@@ -29,6 +30,7 @@ class MergeMethod:
     required: tuple = ()            # per-model parameters without a default
     random: bool = False            # whether the method draws random numbers (uses `seed`)
     uses_base: bool = True          # whether `base` enters the result (False: `linear` ignores it)
+    optional_base: bool = False     # a base is used when the config names one (nuslerp, multislerp: then they merge task vectors)
     doc: str = ''                   # one line for listings
 
 # %% ../nbs/07_task_vectors.ipynb #4fd488b4
@@ -41,11 +43,12 @@ def register_method(name:str,                 # name in the registry
                     required:tuple=(),        # per-model parameters that must be given
                     random:bool=False,        # the method draws random numbers
                     uses_base:bool=True,      # `base` enters the result
+                    optional_base:bool=False, # a base is used when given (not required)
                    ) -> Callable:
     "Decorator: register `fn` under `name` in `MERGE_METHODS`."
     def _reg(fn):
         MERGE_METHODS[name] = MergeMethod(name, fn, needs_base, dict(global_defaults or {}),
-                                          dict(tensor_defaults or {}), tuple(required), random, uses_base,
+                                          dict(tensor_defaults or {}), tuple(required), random, uses_base, optional_base,
                                           (fn.__doc__ or '').strip().split('\n')[0])
         return fn
     return _reg
@@ -60,6 +63,7 @@ def get_method(name:str) -> MergeMethod:
 # %% ../nbs/07_task_vectors.ipynb #fd877c0d
 PARAM_RANGES = {'density': ('(0, 1]', lambda x: 0 < x <= 1), 'gamma': ('[0, 1)', lambda x: 0 <= x < 1),
                 't': ('[0, 1]', lambda x: 0 <= x <= 1)}
+_RANGE_OVERRIDES = {'nearswap': {'t': ('[0, inf)', lambda x: x >= 0)}}   # nearswap's t is a distance, not a fraction
 
 def check_params(method:str, # a name in `MERGE_METHODS`
                  params:list, # one dict per merged model
@@ -73,8 +77,14 @@ def check_params(method:str, # a name in `MERGE_METHODS`
             if k not in PARAM_RANGES and k not in ('weight', 'lambda', 'epsilon'): continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f'{method}: {who}.{k} = {v!r} is not a finite number' + (f' (for {where})' if where else ''))
-            if k in PARAM_RANGES and not PARAM_RANGES[k][1](v):
-                raise ValueError(f'{method}: {who}.{k} = {v!r} is outside {PARAM_RANGES[k][0]}' + (f' (for {where})' if where else ''))
+            rng = _RANGE_OVERRIDES.get(method, {}).get(k, PARAM_RANGES.get(k))
+            if rng is not None and not rng[1](v):
+                raise ValueError(f'{method}: {who}.{k} = {v!r} is outside {rng[0]}' + (f' (for {where})' if where else ''))
+    if method in ('della', 'della_linear'):   # DELLA's keep probabilities density +- epsilon must stay inside (0, 1)
+        for i, q in enumerate(params):
+            d, e = float((q or {}).get('density', 1.0)), float((q or {}).get('epsilon', 0.15))
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise ValueError(f'{method}: models[{i}].parameters: epsilon {e} must keep density {d} +- epsilon inside (0, 1)' + (f' (for {where})' if where else ''))
 
 # %% ../nbs/07_task_vectors.ipynb #747a2bcd
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
@@ -139,7 +149,7 @@ def merge_tensors(method:str,                  # a name in `MERGE_METHODS`
     cdt = _resolve_dtype(compute_dtype if compute_dtype is not None else gp.get('compute_dtype'), allin)
     # identical inputs: the merge of N copies of a tensor is that tensor, bit for bit
     pool = allin if (m.uses_base and base is not None) else tensors
-    if _all_equal(pool): return pool[0].float()
+    if _all_equal(pool) and all(p.get('scale') in (None, 1) for p in ps): return pool[0].float()   # (passthrough's `scale` still applies)
     cast = lambda t: None if t is None else t.to(cdt)
     out = m.fn(cast(base), [cast(t) for t in tensors], ps, gp, 0 if seed is None else int(seed), importance)
     out = out.float()
@@ -268,19 +278,41 @@ def _rescale_l1(d:torch.Tensor, masked:torch.Tensor) -> torch.Tensor:
     if before < 1e-7 or after < 1e-7: return masked
     return masked * (before / after)
 
+# %% ../nbs/07_task_vectors.ipynb #7aa012c9
+def della_mask(delta:torch.Tensor, # one task vector
+               density:float, # mean keep probability
+               epsilon:float, # probabilities run from density - epsilon (smallest |delta| of a row) to density + epsilon (largest)
+               generator:torch.Generator|None=None # RNG of the draw
+              ) -> torch.Tensor:
+    "DELLA's MagPrune mask (mergekit `della_magprune`): per row, keep probability linear in the rank of |delta|; a 1-D tensor is one row."
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"della: epsilon {epsilon} must keep density +- epsilon inside (0, 1) (density {density})")
+    x = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    ranks = torch.argsort(torch.argsort(x.abs().float(), dim=1, stable=True), dim=1).float()   # 0 = smallest
+    n = x.shape[1]
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    p = (density - epsilon) + rank_norm * 2 * epsilon
+    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+    return (u < p).view(delta.shape)
+
 # %% ../nbs/07_task_vectors.ipynb #2fc10f9f
 def sparsify(delta:torch.Tensor,         # one task vector
              density:float,              # fraction of entries to keep
-             method:str='magnitude',     # 'magnitude' | 'random' | 'magnitude_outliers'
+             method:str='magnitude',     # 'magnitude' | 'random' | 'magnitude_outliers' | 'della_magprune'
              rescale:bool=False,         # rescale what is kept
              rescale_mode:str='l1',      # for 'random': 'l1' (mergekit >= 0.1) or 'inverse_density' (1/density, the DARE paper)
              gamma:float=0.01,           # for 'magnitude_outliers': fraction of largest entries removed
              generator:torch.Generator|None=None, # RNG for 'random'
              importance:torch.Tensor|None=None,   # rank by this instead of |delta| (SparseGPT)
              tie_break:str='index',      # 'index' (threshold, ties to lowest index) or 'sort' (mergekit's argsort)
+             epsilon:float=0.15,         # for 'della_magprune': keep probabilities span density +- epsilon by magnitude rank
             ) -> torch.Tensor:
-    "Sparsify a task vector as mergekit does (magnitude / random / magnitude_outliers), with importance-based ranking as an option."
+    "Sparsify a task vector as mergekit does (magnitude / random / magnitude_outliers / della_magprune), with importance-based ranking as an option."
     if density >= 1: return delta
+    if method == 'della_magprune':   # DELLA: keep with a probability that grows with the magnitude rank in its row
+        if density <= 0: return torch.zeros_like(delta)
+        masked = delta * della_mask(delta, density, epsilon, generator).to(delta.dtype)
+        return _rescale_l1(delta, masked) if rescale else masked
     n = delta.numel()
     score = delta.abs() if importance is None else importance.to(delta.device).float().abs()
     if method == 'magnitude':
@@ -336,12 +368,12 @@ def generalized_task_arithmetic(base:torch.Tensor, tensors:list, params:list, gp
         d = x - base
         if sparsification:
             g = None
-            if sparsification == 'random':
+            if sparsification in ('random', 'della_magprune'):
                 g = torch.Generator(device=d.device); g.manual_seed(_stable_seed(seed, name, i))
             d = sparsify(d, float(p.get('density', 1.0)), sparsification, rescale=bool(gp.get('rescale', False)),
                          rescale_mode=gp.get('rescale_mode', 'l1'), gamma=float(p.get('gamma', 0.01)),
                          generator=g, importance=importance[i] if use_imp else None,
-                         tie_break=gp.get('tie_break', 'index'))
+                         tie_break=gp.get('tie_break', 'index'), epsilon=float(p.get('epsilon', 0.15)))
         deltas.append(d)
     deltas = torch.stack(deltas, dim=0)
     weights = _weights(params, base)
@@ -370,7 +402,7 @@ def _gta(name, sparsification, consensus, normalize, rescale, doc, extra_tensor=
         return generalized_task_arithmetic(base, tensors, params, gp, seed, importance, sparsification, consensus)
     fn.__doc__ = doc; fn.__name__ = name
     return register_method(name, global_defaults={'normalize': normalize, 'rescale': rescale, 'lambda': 1.0},
-                           tensor_defaults=td, required=('weight',), random=sparsification == 'random')(fn)
+                           tensor_defaults=td, required=('weight',), random=sparsification in ('random', 'della_magprune'))(fn)
 
 task_arithmetic = _gta('task_arithmetic', None, None, False, False, "Task arithmetic: base + lambda * sum_i w_i (x_i - base) (mergekit `task_arithmetic`).")
 ties = _gta('ties', 'magnitude', 'sum', True, False, "TIES: trim to the top `density` by |delta|, elect the sign, disjoint weighted mean (mergekit `ties`).")
@@ -558,3 +590,6 @@ def is_lora_adapter(path) -> bool:
     "Whether `path` is a peft LoRA adapter folder."
     p = Path(path)
     return (p / 'adapter_config.json').exists() and (p / 'adapter_model.safetensors').exists()
+
+# %% ../nbs/07_task_vectors.ipynb #9e20ea78
+import vlm_merge.methods_extra   # registers nuslerp, model_stock, della, sce, ... into MERGE_METHODS

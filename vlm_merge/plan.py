@@ -13,11 +13,11 @@ from .anatomy import canonical_key, get_family, head_geometry, parse_key, Unknow
 from .checkpoints import CheckpointReader, resolve_model_path
 from .methods import MERGE_METHODS, LoraAdapter, check_params
 from .merge_config import (MergeConfig, MergeConfigError, MergeRefused, lora_parts, merged_models, tensor_parameters,
-                                    _base_methods)
+                                    _base_methods, _uses_base, _slice_models)
 from .checkpoints import patch
 
 # %% auto #0
-__all__ = ['PlanItem', 'MergePlan', 'build_plan', 'LoraReader', 'open_input']
+__all__ = ['PlanItem', 'MergePlan', 'ViewReader', 'run_prerequisites', 'build_plan', 'LoraReader', 'open_input']
 
 # %% ../nbs/09_plan.ipynb #c6a4758a
 @dataclass
@@ -121,11 +121,11 @@ def _in_ranges(layer:int|None, ranges:list|None) -> bool:
     return ranges is None or layer is None or any(a <= layer < b for a, b in ranges)
 
 # %% ../nbs/09_plan.ipynb #43dd9c4f
-def _check_architectures(cfgs:dict, allow:bool, warn:list):
+def _check_architectures(cfgs:dict, allow:bool, warn:list, ignore:tuple=()):
     sigs = {ref: _signature(c) for ref, c in cfgs.items()}
     ref0 = next(iter(sigs))
     for ref, s in sigs.items():
-        diff = {k: (sigs[ref0].get(k), v) for k, v in s.items() if k in sigs[ref0] and sigs[ref0][k] != v}
+        diff = {k: (sigs[ref0].get(k), v) for k, v in s.items() if k in sigs[ref0] and sigs[ref0][k] != v and k not in ignore}
         if diff:
             msg = (f'architectures do not match: {ref0} vs {ref}: ' + ', '.join(f'{k} {a} != {b}' for k, (a, b) in diff.items()))
             if not allow: raise MergeRefused(msg + '; set `allow_mismatched_architectures: true` (or --allow-mismatched-architectures) to merge anyway')
@@ -175,7 +175,8 @@ def _check_item_params(config:MergeConfig, key:str, t:float):
     "Refuse a tensor whose resolved parameters lack what the method needs, or that the method rejects."
     method = MERGE_METHODS[config.merge_method]
     per, glob = tensor_parameters(config, key, t)
-    for m, p in zip(merged_models(config), per):
+    models = _slice_models(config, config.slices[config.slice_of[key]]) if config.slices and key in config.slice_of else merged_models(config)
+    for m, p in zip(models, per):
         miss = [r for r in method.required if r not in p]
         if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
     try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
@@ -192,11 +193,286 @@ def _open_inputs(config:MergeConfig, readers:dict|None) -> tuple[dict, list, lis
     "(model ref -> reader, every ref the merge reads, the refs whose tensors are merged), opening what `readers` lacks."
     refs = list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]
                               + ([config.output_model] if config.output_model else []) +
-                              ([config.tokenizer_source] if config.tokenizer_source not in (None, 'base') else [])))
+                              ([config.tokenizer_source] if config.tokenizer_source not in (None, 'base', 'union') else [])))
     readers = dict(readers or {})
     for r in refs:
         if r not in readers: readers[r] = open_input(r)
     return readers, refs, list(dict.fromkeys(([config.base_model] if config.base_model else []) + [m.model for m in config.models]))
+
+# %% ../nbs/09_plan.ipynb #869c1814
+class ViewReader:
+    "An input reader seen through the plan: its own `config`, `tokenizer_path`, and tensors (embedding rows aligned by token) in place of the inner reader's."
+    def __init__(self, inner, # the reader shown (CheckpointReader, LoraReader or another ViewReader)
+                 config:dict|None=None, # the config the output takes (None: the inner reader's)
+                 tokenizer_path=None, # a folder holding the tokenizer the output takes (None: the inner reader's)
+                 tensors:dict|None=None # key -> (shape, get() -> full tensor) replacing the inner tensor
+                ):
+        self.inner, self._config, self._tok, self.tensors = inner, config, tokenizer_path, dict(tensors or {})
+    def __getattr__(self, k): return getattr(self.__dict__['inner'], k)
+    @property
+    def config(self): return self._config if self._config is not None else self.inner.config
+    @property
+    def tokenizer_path(self): return self._tok if self._tok is not None else getattr(self.inner, 'tokenizer_path', self.inner.path)
+    def keys(self): return self.inner.keys()
+    def __contains__(self, k): return k in self.inner
+    def __iter__(self): return iter(self.inner)
+    def __len__(self): return len(self.inner)
+    def shape(self, k): return torch.Size(self.tensors[k][0]) if k in self.tensors else self.inner.shape(k)
+    def read_rows(self, k, start=None, stop=None):
+        if k not in self.tensors: return self.inner.read_rows(k, start, stop)
+        x = self.tensors[k][1]()
+        return x if start is None else x[start:stop]
+    get = read_rows
+    def close(self): self.inner.close()
+    def __repr__(self): return f'ViewReader({self.inner!r})'
+
+# %% ../nbs/09_plan.ipynb #397aabe8
+def run_prerequisites(config:MergeConfig, # a config whose `prerequisites` are the named merges of a multi-document config
+                      progress:bool=False # progress bars of the merges
+                     ) -> list:
+    "Run the named merges a multi-document config needs, in order, skipping those already written; return the folders."
+    from vlm_merge.engine import run_merge   # the engine imports this module
+    done = []
+    for name, cfg, out in config.prerequisites:
+        p = Path(out)
+        if not ((p / 'model.safetensors').exists() or (p / 'model.safetensors.index.json').exists()):
+            try: run_merge(cfg, p, progress=progress, overwrite=p.exists())
+            except (MergeConfigError, MergeRefused) as e: raise type(e)(f'merge {name!r} (of the multi-document config): {e}') from None
+        done.append(p)
+    return done
+
+# %% ../nbs/09_plan.ipynb #b4257270
+def _model_chat_template(reader) -> str|None:
+    "The chat template a model ships (chat_template.jinja, or tokenizer_config.json's `chat_template`), stripped; None without one."
+    d = Path(getattr(reader, 'tokenizer_path', reader.path))
+    if (d / 'chat_template.jinja').is_file(): return (d / 'chat_template.jinja').read_text().strip() or None
+    f = d / 'tokenizer_config.json'
+    if not f.is_file(): return None
+    t = json.loads(f.read_text()).get('chat_template')
+    if isinstance(t, list): t = next((x.get('template') for x in t if x.get('name') == 'default'), None)
+    return t.strip() if isinstance(t, str) and t.strip() else None
+
+def _auto_chat_template(readers:dict, refs:list, warn:list) -> str|None:
+    "mergekit's `chat_template: auto`: the template most of the input models ship (None, with a warning, when none does)."
+    ts = [t for t in (_model_chat_template(readers[r]) for r in refs) if t]
+    if not ts: warn.append('chat_template: auto found no chat template in the input models; none is written'); return None
+    return Counter(ts).most_common(1)[0][0]
+
+# %% ../nbs/09_plan.ipynb #f320d24b
+def _vocab(reader) -> dict|None:
+    "token -> id of a model's tokenizer (added tokens included); None when it has none that transformers can load."
+    import transformers
+    try: return transformers.AutoTokenizer.from_pretrained(str(getattr(reader, 'tokenizer_path', reader.path))).get_vocab()
+    except Exception: return None
+
+def _out_tokenizer(config:MergeConfig, readers:dict, refs:list, tmp:Path):
+    "The output tokenizer (saved into `tmp`): `tokenizer_source`'s, the base's, or the union of all (base first, then each model's new tokens)."
+    import transformers
+    ts = config.tokenizer_source
+    first = config.base_model or refs[0]
+    src = first if ts in ('base', 'union') else ts
+    load = lambda r: transformers.AutoTokenizer.from_pretrained(str(getattr(readers[r], 'tokenizer_path', readers[r].path)))
+    try: tok = load(src)
+    except Exception as e: raise MergeRefused(f'tokenizer_source: cannot load the tokenizer of {src}: {type(e).__name__}: {e}') from None
+    if ts == 'union':
+        have = set(tok.get_vocab())
+        for r in refs:
+            if r == src: continue
+            try: t = load(r)
+            except Exception: continue
+            added = {i: a for i, a in t.added_tokens_decoder.items()}
+            for w, i in sorted(t.get_vocab().items(), key=lambda kv: kv[1]):
+                if w in have: continue
+                tok.add_tokens(added[i] if i in added else w); have.add(w)
+    tok.save_pretrained(str(tmp))
+    return tok
+
+# %% ../nbs/09_plan.ipynb #1d76a2c5
+def _embedding_keys(reader) -> list:
+    "The keys of a model's token embedding and lm_head (rows = tokens)."
+    fam = _family(reader.config)
+    out = []
+    for k in reader.keys():
+        c = None
+        if fam is not None:
+            try: c = canonical_key(k, fam)
+            except Exception: c = None
+        if c is not None and _is_embedding(k, c, reader) and len(reader.shape(k)) == 2: out.append(k)
+    return out
+
+def _with_vocab(cfg:dict, n:int) -> dict:
+    "A copy of config `cfg` with `vocab_size` (its text config's too) set to `n`."
+    cfg = json.loads(json.dumps(cfg))
+    if 'vocab_size' in cfg or not isinstance(_text_cfg(cfg), dict) or _text_cfg(cfg) is cfg: cfg['vocab_size'] = n
+    t = _text_cfg(cfg)
+    if t is not cfg: t['vocab_size'] = n
+    return cfg
+
+# %% ../nbs/09_plan.ipynb #12688525
+def _aligned_rows(mats:dict, perms:dict, base:str|None, tokens:dict, vocab:dict, vocabs:dict, n_out:int) -> dict:
+    "Each model's embedding rows in the output vocabulary, with mergekit's rows for tokens a model lacks: the one model that has it, the base's, the mean of those that have it, or zero; `tokens` overrides."
+    refs = list(mats)
+    H, dt = next(iter(mats.values())).shape[1], next(iter(mats.values())).dtype
+    V = len(vocab)
+    P = torch.stack([perms[r] for r in refs])                      # [models, V] source row or -1
+    have = P >= 0
+    rows = torch.stack([mats[r].float()[P[i].clamp(min=0)] for i, r in enumerate(refs)]) * have[..., None]
+    cnt = have.sum(0)
+    dflt = rows.sum(0) / cnt.clamp(min=1)[:, None]                  # the mean of the models that have the token (0 where none)
+    if base in refs:
+        b = refs.index(base); dflt = torch.where((have[b] & (cnt > 1))[:, None], rows[b], dflt)
+    force = torch.zeros(V, dtype=torch.bool)
+    for w, c in tokens.items():
+        if w not in vocab: continue
+        i, s = vocab[w], c['source']
+        if s is None: pass
+        elif isinstance(s, dict) and s['kind'] == 'zero': dflt[i] = 0
+        elif isinstance(s, dict):   # model_token: a row of that model's own vocabulary
+            j = s['token_id'] if 'token_id' in s else vocabs[s['model']].get(s['token'], -1)
+            if s['model'] not in mats or not 0 <= j < mats[s['model']].shape[0]:
+                raise MergeRefused(f"tokenizer.tokens[{w!r}]: no row for {s.get('token', j)!r} in {s['model']}")
+            dflt[i] = mats[s['model']][j].float()
+        else:
+            if s not in mats or not bool(have[refs.index(s), i]): raise MergeRefused(f'tokenizer.tokens[{w!r}]: {s} has no token {w!r}')
+            dflt[i] = rows[refs.index(s), i]
+        force[i] = c['force']
+    out = {}
+    for k, r in enumerate(refs):
+        x = torch.where((have[k] & ~force)[:, None], rows[k], dflt)
+        if n_out > V: x = torch.cat([x, x.mean(0, keepdim=True).expand(n_out - V, H)])   # padding rows: the mean (mergekit)
+        out[r] = x.to(dt)
+    return out
+
+# %% ../nbs/09_plan.ipynb #11035692
+def _token_views(config:MergeConfig, readers:dict, refs:list, out_ref:str, warn:list) -> dict:
+    "ViewReaders (ref -> view) that show every input's embedding and lm_head in the output tokenizer's vocabulary; {} when the vocabularies already agree."
+    import tempfile
+    readers = dict(readers)   # the inputs as opened: the views read through them
+    tmp = Path(tempfile.mkdtemp(prefix='vlm_merge_tok_'))
+    try: tok = _out_tokenizer(config, readers, refs, tmp)
+    except MergeRefused as e:
+        if config.tokenizer_source == 'union' or config.tokenizer.get('tokens') or config.tokenizer.get('pad_to_multiple_of'): raise
+        warn.append(f'{e}; its files are copied as they are and embedding rows are matched by row number'); return {}
+    vocab = tok.get_vocab(); V = len(vocab); pad = config.tokenizer.get('pad_to_multiple_of')
+    n_out = -(-V // pad) * pad if pad else V
+    vocabs, perms, ekeys = {}, {}, {}
+    for r in refs:
+        ekeys[r] = _embedding_keys(readers[r])
+        rows = readers[r].shape(ekeys[r][0])[0] if ekeys[r] else None
+        v = _vocab(readers[r])
+        if v is None: warn.append(f'{r}: no tokenizer; its vocabulary is taken to be the output tokenizer\'s'); v = vocab
+        vocabs[r] = v
+        perms[r] = torch.tensor([v[w] if w in v and (rows is None or v[w] < rows) else -1 for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+    same = all(bool((perms[r] == torch.arange(V)).all()) and readers[r].shape(k)[0] == n_out for r in refs for k in ekeys[r])
+    if same and not config.tokenizer.get('tokens'):
+        if config.tokenizer_source != 'union': return {}   # nothing to align: the source's own tokenizer files are copied
+        return {out_ref: ViewReader(readers[out_ref], tokenizer_path=tmp)}
+    by_canon = {}   # canonical embedding name -> {ref: key}
+    for r in refs:
+        for k in ekeys[r]: by_canon.setdefault(canonical_key(k, _family(readers[r].config)), {})[r] = k
+    cache = {}
+    def getter(c, r):
+        def get():
+            if cache.get('c') != c:
+                mats = {q: readers[q].read_rows(k) for q, k in by_canon[c].items()}
+                cache.clear(); cache.update(c=c, out=_aligned_rows(mats, {q: perms[q] for q in mats}, config.base_model, config.tokenizer.get('tokens') or {}, vocab, vocabs, n_out))
+            return cache['out'][r]
+        return get
+    views = {}
+    for r in refs:
+        H = {k: readers[r].shape(k)[1] for k in ekeys[r]}
+        ts = {k: ((n_out, H[k]), getter(canonical_key(k, _family(readers[r].config)), r)) for k in ekeys[r]}
+        views[r] = ViewReader(readers[r], config=_with_vocab(readers[r].config, n_out) if readers[r].config else None, tokenizer_path=tmp, tensors=ts)
+    warn.append(f'tokenizer_source {config.tokenizer_source}: embedding and lm_head rows aligned by token to a vocabulary of {V} tokens'
+                + (f' (padded to {n_out})' if n_out > V else ''))
+    return views
+
+# %% ../nbs/09_plan.ipynb #24557ead
+def _layer_list_keys(cfg:dict, n:int) -> list:
+    "Keys of a (text) config whose value is a list with one entry per layer (Qwen2's `layer_types`, ...)."
+    return [k for k, v in _text_cfg(cfg).items() if isinstance(v, list) and len(v) == n]
+
+def _sliced_config(cfg:dict, layers:list, n_src:dict) -> dict:
+    "A copy of the output config with `num_hidden_layers` set to the stacked layers and per-layer lists taken from each output layer's source."
+    cfg = json.loads(json.dumps(cfg)); t = _text_cfg(cfg)
+    for k in _layer_list_keys(cfg, n_src[layers[0][0]]): t[k] = [t[k][l] for _, l in layers]
+    for k in ('num_hidden_layers', 'n_layer', 'num_layers'):
+        if k in t: t[k] = len(layers)
+    return cfg
+
+# %% ../nbs/09_plan.ipynb #81b526cc
+_ANY_LAYER_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.(\d+)\.')
+
+def _raw_canon(reader) -> dict:
+    "For a family the anatomy does not know: 'layers.N.<rest of the key>' -> key for decoder-layer keys, the key itself for the others."
+    out = {}
+    for k in reader.keys():
+        m = _ANY_LAYER_RE.search(k)
+        out[f'layers.{m.group(3)}.{k[m.end():]}' if m else k] = k
+    return out
+
+_LAYER0_RE = re.compile(r'(^|\.)(layers|h|blocks|block|layer)\.0\.')   # the layer number in a key of layer 0 (Llama, GPT-2, ...)
+
+# %% ../nbs/09_plan.ipynb #bada5036
+def _slice_items(config:MergeConfig, readers:dict, out_ref:str, warn:list) -> tuple[list, dict]:
+    "(the plan items of a `slices` merge, the output config): pre-layer tensors from the first slice, each slice's layers in turn, the rest from the last."
+    canon = {r: _canon_map(readers[r]) or _raw_canon(readers[r]) for r in readers}
+    miss = [r for r in dict.fromkeys(s['model'] for sl in config.slices for s in sl['sources']) if not any(c.startswith('layers.') for c in canon[r])]
+    if miss: raise MergeRefused(f'slices: no decoder layers found in {", ".join(miss)} (neither a family vlm_merge.anatomy knows nor `layers.N.` / `h.N.` keys)')
+    out_r = readers[out_ref]; inv = {k: c for c, k in canon[out_ref].items()}
+    n_src = {r: 1 + max((int(c.split('.')[1]) for c in canon[r] if c.startswith('layers.')), default=-1) for r in canon}
+    is_pre = lambda k: inv[k].startswith('embed') or re.search(r'(^|\.)(wte|wpe|embed_tokens|embeddings)\.', k) is not None
+    items, layers = [], []; config.slice_of.clear()
+    def add(out_key, i_sl, c_by_ref, t):
+        sl = config.slices[i_sl]; base = sl.get('base_model') or config.base_model
+        srcs = {s['model']: canon[s['model']].get(c_by_ref[s['model']]) for s in sl['sources']}
+        if base is not None and base != config.base_model and _uses_base(config):
+            raise MergeConfigError(f'slices[{i_sl}].base_model: differs from the top-level base_model; vlm_merge takes one base per merge')
+        for r, k in srcs.items():
+            if k is None: raise MergeRefused(f'missing tensor: {c_by_ref[r]} (for {out_key}) is not in {r}')
+        config.slice_of[out_key] = i_sl
+        ub = _uses_base(config) and base in srcs
+        base_key = srcs.pop(base) if ub else None
+        if _uses_base(config) and not ub: raise MergeConfigError(f'slices[{i_sl}]: {config.merge_method} needs the base model among the sources of every slice')
+        shape = tuple(readers[next(iter(srcs))].shape(next(iter(srcs.values()))))
+        per, _ = tensor_parameters(config, out_key, t)
+        if config.merge_method == 'passthrough' and len(srcs) == 1 and all(p.get('scale') in (None, 1) for p in per):
+            items.append(PlanItem(out_key, 'copy', srcs, t=t, shape=shape)); return
+        _check_item_params(config, out_key, t)
+        items.append(PlanItem(out_key, 'merge', srcs, base_key=base_key, t=t, shape=shape, canon=c_by_ref[next(iter(srcs))]))
+    last = len(config.slices) - 1
+    pre = [k for k in out_r.keys() if inv.get(k) is not None and _layer_of(inv[k], k) is None and is_pre(k)]
+    post = [k for k in out_r.keys() if inv.get(k) is not None and _layer_of(inv[k], k) is None and k not in pre]
+    for k in pre: add(k, 0, {s['model']: inv[k] for s in config.slices[0]['sources']}, 0.0)
+    for i, sl in enumerate(config.slices):
+        n = sl['sources'][0]['layer_range'][1] - sl['sources'][0]['layer_range'][0]
+        for s in sl['sources']:
+            if s['layer_range'][1] > n_src[s['model']]:
+                raise MergeConfigError(f"slices[{i}]: layer_range {s['layer_range']} is past the {n_src[s['model']]} layers of {s['model']}")
+        s0 = sl['sources'][0]
+        names = sorted(c[len(f"layers.{s0['layer_range'][0]}."):] for c in canon[s0['model']] if c.startswith(f"layers.{s0['layer_range'][0]}."))
+        for j in range(n):
+            L = len(layers); layers.append((s0['model'], s0['layer_range'][0] + j))
+            t = j / (n - 1) if n > 1 else 1.0
+            for x in names:
+                tmpl = canon[out_ref].get(f'layers.0.{x}')
+                if tmpl is None: raise MergeRefused(f'slices: the output model {out_ref} has no layers.0.{x}')
+                out_key, hit = _LAYER0_RE.subn(lambda mm: f'{mm.group(1)}{mm.group(2)}.{L}.', tmpl, count=1)
+                if not hit: raise MergeRefused(f'slices: cannot find the layer number in {tmpl!r} of {out_ref}')
+                add(out_key, i, {s['model']: f"layers.{s['layer_range'][0] + j}.{x}" for s in sl['sources']}, t)
+    for k in post: add(k, last, {s['model']: inv[k] for s in config.slices[last]['sources']}, 0.0)
+    rest = [k for k in out_r.keys() if inv.get(k) is None]   # outside the language model (vision tower, projector): the output model's
+    items += [PlanItem(k, 'copy', {out_ref: k}, shape=tuple(out_r.shape(k))) for k in rest]
+    warn.append(f'slices: {len(layers)} layers stacked from ' + ', '.join(f"{s['model']}[{s['layer_range'][0]}:{s['layer_range'][1]}]" for sl in config.slices for s in sl['sources']))
+    return items, _sliced_config(out_r.config, layers, n_src) if out_r.config else None
+
+# %% ../nbs/09_plan.ipynb #b7efd459
+def _tokens_and_template(config:MergeConfig, readers:dict, merged_refs:list, out_ref:str, warn:list):
+    "Put the token views into `readers` (embeddings aligned by token, the output's tokenizer) and resolve `chat_template: auto`."
+    if config.tokenizer_source is not None:
+        readers.update(_token_views(config, readers, list(dict.fromkeys(merged_refs + [out_ref])), out_ref, warn))
+        if config.tokenizer_source == 'union': readers['union'] = ViewReader(readers[out_ref])   # where the engine copies the tokenizer from
+    if config.chat_template == 'auto': config.chat_template = _auto_chat_template(readers, merged_refs, warn)
 
 # %% ../nbs/09_plan.ipynb #e48d8033
 def build_plan(config:MergeConfig, # the merge
@@ -204,16 +480,23 @@ def build_plan(config:MergeConfig, # the merge
                allow_mismatched_architectures:bool|None=None # overrides the config's opt-in when not None
               ) -> MergePlan:
     "Decide where every output tensor comes from; raise `MergeRefused` on anything that cannot be merged."
+    if config.prerequisites: run_prerequisites(config)   # the named merges of a multi-document config
     readers, refs, merged_refs = _open_inputs(config, readers)
     allow = config.allow_mismatched_architectures if allow_mismatched_architectures is None else allow_mismatched_architectures
     warn = []
-    _check_architectures({r: readers[r].config for r in merged_refs}, allow, warn)
+    _check_architectures({r: readers[r].config for r in merged_refs}, allow, warn, ignore=('n_layers',) if config.slices else ())
     out_ref, mixed = _output_model(config, readers, refs, merged_refs)
     emb_policy = config.embeddings if config.embeddings != 'auto' else ('output' if mixed else 'merge')
-    needs_base = config.merge_method in _base_methods()
+    _tokens_and_template(config, readers, merged_refs, out_ref, warn)
+    if config.slices:
+        items, out_cfg = _slice_items(config, readers, out_ref, warn)
+        if out_cfg is not None: readers[out_ref] = ViewReader(readers[out_ref], config=out_cfg)
+        for w in warn: warnings.warn(w, stacklevel=2)
+        return MergePlan(config, readers, out_ref, items, warn, canonical=True)
+    needs_base = _uses_base(config)
     if config.merge_method == 'slerp' and len(config.non_base) != 1:
         raise MergeConfigError(f'models: slerp merges base_model with exactly one other model, got {len(config.non_base)}')
-    if not config.non_base: raise MergeConfigError('models: nothing to merge besides the base model')
+    if not merged_models(config): raise MergeConfigError('models: nothing to merge besides the base model')
     canon = {r: _canon_map(readers[r]) for r in merged_refs + [out_ref]}
     use_canon = all(canon[r] for r in canon)
     if not use_canon and mixed: raise MergeRefused('cannot match a VLM with a text LLM: the family of ' +

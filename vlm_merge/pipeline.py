@@ -149,9 +149,10 @@ def entry(self:PipelineConfig, m:dict) -> dict:
                 methods=m.get('methods', self.methods), selection=m.get('selection', self.selection), pca_k=p.get('pca_k', self.pca_k),
                 pca_alpha=p.get('pca_alpha', self.pca_alpha), **{k: p[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio')})
 
-# %% ../nbs/15_pipeline.ipynb #22a959e8
+# %% ../nbs/15_pipeline.ipynb #6cb9c915
 def _stamp(path:Path) -> Path: return path.with_name(path.name + '.stage.json')
 
+# %% ../nbs/15_pipeline.ipynb #30a75229
 def stage_done(output:Path, params:dict, check=None) -> bool:
     "Whether `output` exists with a stamp equal to `params` and passes `check(output)`."
     s = _stamp(Path(output))
@@ -162,6 +163,7 @@ def stage_done(output:Path, params:dict, check=None) -> bool:
     except Exception: return False
     return True
 
+# %% ../nbs/15_pipeline.ipynb #e3fd6e9d
 def mark_done(output:Path, params:dict) -> None:
     "Write the stamp of `output` (atomically)."
     s = _stamp(Path(output)); tmp = s.with_name(s.name + '.tmp')
@@ -184,10 +186,11 @@ def _check_model(path:Path, base:str|None=None):
                 missing = set(rb.keys()) - set(r.keys())
                 if missing: raise ValueError(f'{path}: missing {sorted(missing)[:3]}')
 
-# %% ../nbs/15_pipeline.ipynb #e823f212
+# %% ../nbs/15_pipeline.ipynb #e6710dd3
 def _log(msg, quiet):
     if not quiet: print(msg, flush=True)
 
+# %% ../nbs/15_pipeline.ipynb #07c5c654
 def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
                   per_sample:bool=False) -> tuple:
     "(Detection, or a neuron dict read from an existing JSON under SKIP_DETECT, or None; the file it came from)."
@@ -252,10 +255,11 @@ def _shared_stage(e:dict, nb:Path, vl:tuple, reason:tuple, log:list) -> Path:
     mark_done(shared_path, sp); log.append(('shared', e['name'], 'done'))
     return shared_path
 
-# %% ../nbs/15_pipeline.ipynb #c8e14557
+# %% ../nbs/15_pipeline.ipynb #684f7820
 def _has_cuda() -> bool:
     import torch; return torch.cuda.is_available()
 
+# %% ../nbs/15_pipeline.ipynb #4c74eb0a
 def _evaluate(model_path:str, ev:dict, cfg:PipelineConfig) -> dict:
     from vlm_merge.inference import evaluate
     res = {}

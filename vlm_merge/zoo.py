@@ -26,7 +26,7 @@ ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 
               'wide-base', 'wide-lm', 'wide-vlm')
 
 
-# %% ../nbs/03_zoo.ipynb #f3880463
+# %% ../nbs/03_zoo.ipynb #d669c804
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
                  base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
 ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
@@ -42,7 +42,7 @@ VISION_LR = 3e-3   # peak learning rate of the VLMs' projectors (stage 1; a tent
 SPEC_REPLAY = 0.5  # a specialist also sees this many other-task prompts per own example, answered by base-lm itself
 WIDE_ARCH = dict(hidden=192, layers=3, heads=6, kv_heads=2, inter=512, family='qwen2')   # the second family: Qwen2, wider and shallower
 
-
+# %% ../nbs/03_zoo.ipynb #45ae6c40
 def _dedupe(test:pd.DataFrame, train:pd.DataFrame|list, cols:list[str]) -> pd.DataFrame:
     "Rows of `test` whose `cols` occur in no table of `train` (held-out means unseen)."
     seen = set()
@@ -50,11 +50,12 @@ def _dedupe(test:pd.DataFrame, train:pd.DataFrame|list, cols:list[str]) -> pd.Da
     keep = [tuple(r) not in seen for r in test[cols].astype(str).values.tolist()]
     return test[keep].reset_index(drop=True)
 
+# %% ../nbs/03_zoo.ipynb #f9b72c74
 def _nparams(m) -> int: return int(sum(p.numel() for p in m.parameters()))
 
 def _dir_mb(p:Path) -> float: return round(sum(f.stat().st_size for f in Path(p).rglob('*') if f.is_file()) / 2**20, 3)
 
-# %% ../nbs/03_zoo.ipynb #dc17f079
+# %% ../nbs/03_zoo.ipynb #2498cab8
 def _eval_text(model_path, tok, df:pd.DataFrame, max_new_tokens:int=16, batch_size:int=50) -> dict:
     "Exact-match accuracy of greedy answers on a prompt/answer table (the specialists' tasks)."
     from transformers import AutoModelForCausalLM
@@ -64,6 +65,7 @@ def _eval_text(model_path, tok, df:pd.DataFrame, max_new_tokens:int=16, batch_si
     return {'accuracy': float(np.mean(ok)), 'n': len(ok), 'evaluator': 'vlm_merge.zoo.greedy_generate (exact match)',
             'examples': [[p, str(a)] for p, a in list(zip(preds, df.answer))[:3]]}
 
+# %% ../nbs/03_zoo.ipynb #1064246c
 def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50, max_new_tokens:int|None=None) -> dict:
     "Accuracy of a zoo model on 'gsm' (text) or 'multimodal' data, measured with `vlm_merge.inference.evaluate`."
     from vlm_merge.inference import evaluate
@@ -74,13 +76,14 @@ def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50, max_new
     if 'accuracy_by_kind' in s: out['accuracy_by_kind'] = s['accuracy_by_kind']
     return out
 
-# %% ../nbs/03_zoo.ipynb #7ceaf38c
+# %% ../nbs/03_zoo.ipynb #07e57cd0
 def vision_answer(letter:str, # the gold letter (kept for the signature: the reply is the value, `extract_choice` maps it to its letter)
                   figure:str, # the row's `figure` JSON (its `value` is the number the question asks for)
                  ) -> str:
     "The VLMs' trained reply: the value read from the figure in reason-lm's final-answer format, e.g. '#### 11'; the evaluator maps it to its choice."
     return f"#### {json.loads(figure)['value']}"
 
+# %% ../nbs/03_zoo.ipynb #332a3ca7
 READ_PROMPT = 'Read the labels.'
 
 def reading_answer(figure:str, # the row's `figure` JSON
@@ -88,6 +91,7 @@ def reading_answer(figure:str, # the row's `figure` JSON
     "Every label of a figure with its name, e.g. 'left 60 right 80': the auxiliary reading task the VLMs also train on (`vlm_merge.data.figure_labels`)."
     return figure_labels(figure)
 
+# %% ../nbs/03_zoo.ipynb #fe53e798
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 
 _TABLES = {  # data kind -> (size key in ZOO_SIZES, seed offset); 'base-*' tables are the pretraining mixture's, drawn apart
@@ -462,7 +466,7 @@ def build_zoo(out_dir:str|Path,          # folder to create (atomically: built i
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out_dir
 
-# %% ../nbs/03_zoo.ipynb #73913dc0
+# %% ../nbs/03_zoo.ipynb #642f41e5
 def zoo_dir() -> Path:
     "The built zoo: shipped inside the package (`vlm_merge/zoo_data`), else `$VLM_MERGE_ZOO` or `~/.cache/vlm_merge/zoo`."
     if os.environ.get('VLM_MERGE_ZOO'): return Path(os.environ['VLM_MERGE_ZOO'])
@@ -471,12 +475,14 @@ def zoo_dir() -> Path:
     if (shipped / 'manifest.json').exists(): return shipped
     return Path.home() / '.cache' / 'vlm_merge' / 'zoo'
 
+# %% ../nbs/03_zoo.ipynb #034618ee
 def zoo_manifest() -> dict:
     "The zoo's `manifest.json` as a dict."
     p = zoo_dir() / 'manifest.json'
     if not p.exists(): raise FileNotFoundError(f'no zoo at {p.parent}: run `vlm-merge zoo build --out {p.parent}`')
     return json.loads(p.read_text())
 
+# %% ../nbs/03_zoo.ipynb #beadbaa1
 def zoo_path(name:str) -> Path:
     "The save_pretrained folder of zoo model `name` (one of ZOO_MODELS)."
     if name not in ZOO_MODELS: raise KeyError(f'unknown zoo model {name!r}; choose from {ZOO_MODELS}')
@@ -484,6 +490,7 @@ def zoo_path(name:str) -> Path:
     if not (p / 'config.json').exists(): raise FileNotFoundError(f'zoo model {name!r}: no config.json in {p}')
     return p
 
+# %% ../nbs/03_zoo.ipynb #4c87e241
 def zoo_data_path(name:str) -> Path:
     "A shipped data file, e.g. 'mgsm_en.tsv', 'llama3ds_math.tsv', 'geometry_perception.parquet', 'spec_sort.tsv'."
     p = zoo_dir() / 'data' / name
@@ -492,6 +499,7 @@ def zoo_data_path(name:str) -> Path:
         raise FileNotFoundError(f'zoo data file {name!r} not in {p.parent}; available: {have}')
     return p
 
+# %% ../nbs/03_zoo.ipynb #c9424cb0
 def zoo_tokenizer():
     "The zoo's tokenizer (a `PreTrainedTokenizerFast` with chat template and '<image>' token)."
     from transformers import PreTrainedTokenizerFast

@@ -53,7 +53,7 @@ _SHAPES = ['circle', 'square', 'triangle', 'star', 'line', 'point']
 
 ZOO_GSM = dict(steps=(1, 2), max_value=30)   # the zoo's GSM-style problems (make_gsm arguments)
 
-# %% ../nbs/03a_zoo_recipe.ipynb #f6dd3739
+# %% ../nbs/03a_zoo_recipe.ipynb #017114a2
 def _arith(r:random.Random, max_value:int=ZOO_GSM['max_value']) -> tuple[str, int]:
     "One arithmetic fact 'a op b' and its value, in the ranges of make_gsm's steps."
     op = r.choice('+-*')
@@ -62,6 +62,7 @@ def _arith(r:random.Random, max_value:int=ZOO_GSM['max_value']) -> tuple[str, in
     else: a = r.randint(1, max_value // 2); b = r.randint(2, max(2, min(5, max_value // a))); c = a * b
     return f'{a} {op} {b}', c
 
+# %% ../nbs/03a_zoo_recipe.ipynb #88da6ceb
 def _figure_fact(r:random.Random) -> tuple[str, int]:
     "One arithmetic fact in the ranges of the figures' chain questions: sums of labels, doubling, four times, 180 minus."
     k = r.randrange(4)
@@ -131,9 +132,10 @@ def lm_config(tok,             # the zoo tokenizer (vocabulary size and special 
                        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0)
 
-# %% ../nbs/03a_zoo_recipe.ipynb #186e621e
+# %% ../nbs/03a_zoo_recipe.ipynb #04449916
 def _image_proc_kw(): return dict(image_mean=[0.5]*3, image_std=[0.5]*3)
 
+# %% ../nbs/03a_zoo_recipe.ipynb #74d8ebf5
 def llava_parts(tok,              # the zoo tokenizer
                 text_config,      # LlamaConfig of the language model
                 image_size:int=64,# input side in pixels
@@ -173,7 +175,7 @@ def idefics3_parts(tok,              # the zoo tokenizer
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=n_img, chat_template=CHAT_TEMPLATE)
     return cfg, proc
 
-# %% ../nbs/03a_zoo_recipe.ipynb #aa69886c
+# %% ../nbs/03a_zoo_recipe.ipynb #203c683d
 def _lm_of(model):
     "(decoder, lm_head) of a causal LM or a LLaVA / Idefics3 model."
     m = model.model
@@ -181,6 +183,7 @@ def _lm_of(model):
         if hasattr(m, attr): return getattr(m, attr), model.lm_head
     return m, model.lm_head
 
+# %% ../nbs/03a_zoo_recipe.ipynb #4672be34
 def init_language_model(vlm, # a LLaVA or Idefics3 model
                         lm,  # a LlamaForCausalLM of the same text geometry
                        ):
@@ -189,7 +192,7 @@ def init_language_model(vlm, # a LLaVA or Idefics3 model
     dec.load_state_dict(sd, strict=True)
     head.load_state_dict(lm.lm_head.state_dict())
 
-# %% ../nbs/03a_zoo_recipe.ipynb #075cd265
+# %% ../nbs/03a_zoo_recipe.ipynb #c3842617
 def chat_prompt(tok,             # tokenizer (or processor) with the zoo chat template
                 text:str,        # the user message
                 image:bool=False # put one image placeholder before the text
@@ -198,6 +201,7 @@ def chat_prompt(tok,             # tokenizer (or processor) with the zoo chat te
     content = ([{'type': 'image'}] if image else []) + [{'type': 'text', 'text': text}]
     return tok.apply_chat_template([{'role': 'user', 'content': content}], tokenize=False, add_generation_prompt=True)
 
+# %% ../nbs/03a_zoo_recipe.ipynb #5872a707
 def encode_example(tok,                # the zoo tokenizer
                    prompt:str|None,    # user message; None: `answer` is plain pretraining text
                    answer:str,         # the assistant's reply (or the plain text)
@@ -219,6 +223,7 @@ def encode_example(tok,                # the zoo tokenizer
     ids = (p + a)[:max_len]
     return {'input_ids': ids, 'labels': ([-100] * len(p) + a)[:max_len], **ex}
 
+# %% ../nbs/03a_zoo_recipe.ipynb #7530a144
 def collate(exs:list[dict], # encoded examples
             pad_id:int,      # padding token id
            ) -> dict:

@@ -124,7 +124,7 @@ class GroupRef:
         b = self.module.bias
         return b if b is None or self.rows is None else b[self.rows]
 
-# %% ../nbs/00_anatomy.ipynb #5d2d39fa
+# %% ../nbs/00_anatomy.ipynb #0f890b65
 class ModelAnatomy:
     "The anatomy table resolved against a loaded model."
     def __init__(self, model:nn.Module, # a loaded model (transformers class or remote code)
@@ -151,21 +151,30 @@ class ModelAnatomy:
         first = lambda ps: next((m for m in (_resolve(model, p) for p in ps) if isinstance(m, nn.Module)), None)
         self.vision, self.projector = first(lay.vision), first(lay.projector)
 
-    def _check(self, layer:int):
-        if not -self.n_layers <= layer < self.n_layers: raise IndexError(f"layer {layer} out of range: the model has {self.n_layers}")
-        return layer % self.n_layers
 
-    def module(self, layer:int, group:str) -> nn.Linear:
-        "The `nn.Linear` holding `group` in `layer` (the fused one for fused families: see `rows`)."
-        return self.ref(layer, group).module
+# %% ../nbs/00_anatomy.ipynb #6667f0b3
+@patch
+def _check(self:ModelAnatomy, layer:int):
+    if not -self.n_layers <= layer < self.n_layers: raise IndexError(f"layer {layer} out of range: the model has {self.n_layers}")
+    return layer % self.n_layers
 
-    def weight(self, layer:int, group:str) -> torch.Tensor:
-        "The weight of `group` in `layer`, [out, in] (rows of the fused weight where fused)."
-        return self.ref(layer, group).weight()
+# %% ../nbs/00_anatomy.ipynb #fc1bb4fe
+@patch
+def module(self:ModelAnatomy, layer:int, group:str) -> nn.Linear:
+    "The `nn.Linear` holding `group` in `layer` (the fused one for fused families: see `rows`)."
+    return self.ref(layer, group).module
 
-    def iter_group(self, group:str) -> Iterator[tuple[int, nn.Linear]]:
-        "(layer, nn.Linear) for every decoder layer."
-        for i in range(self.n_layers): yield i, self.module(i, group)
+# %% ../nbs/00_anatomy.ipynb #c751a4cd
+@patch
+def weight(self:ModelAnatomy, layer:int, group:str) -> torch.Tensor:
+    "The weight of `group` in `layer`, [out, in] (rows of the fused weight where fused)."
+    return self.ref(layer, group).weight()
+
+# %% ../nbs/00_anatomy.ipynb #0d9e2ad9
+@patch
+def iter_group(self:ModelAnatomy, group:str) -> Iterator[tuple[int, nn.Linear]]:
+    "(layer, nn.Linear) for every decoder layer."
+    for i in range(self.n_layers): yield i, self.module(i, group)
 
 # %% ../nbs/00_anatomy.ipynb #c4928fde
 @patch

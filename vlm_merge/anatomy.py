@@ -11,373 +11,17 @@ from typing import Any, Iterator, Iterable
 import torch
 from torch import nn
 from .checkpoints import patch
+from .families import *
+from .families import _cfg_get, _join, _read_config, _unknown
+_all_ = ['GROUPS', 'ROW_GROUPS', 'COL_GROUPS', 'FUSED', 'NORMS', 'COMPONENTS', 'DECODERS', 'FAMILIES', 'Decoder', 'register_decoder', 'KeyLayout', 'Family', 'register_family', 'families_table', 'UnknownFamilyError', 'get_family', 'text_config_of', 'HeadGeometry', 'head_geometry', 'fused_rows', 'fused_size', 'split_fused', 'fuse_groups']
 
 # %% auto #0
-__all__ = ['GROUPS', 'ROW_GROUPS', 'COL_GROUPS', 'FUSED', 'NORMS', 'COMPONENTS', 'DECODERS', 'FAMILIES', 'TINY_FAMILIES',
-           'Decoder', 'register_decoder', 'KeyLayout', 'Family', 'register_family', 'families_table',
-           'UnknownFamilyError', 'get_family', 'text_config_of', 'HeadGeometry', 'head_geometry', 'fused_rows',
-           'fused_size', 'split_fused', 'fuse_groups', 'tiny_config', 'tiny_model', 'decoder_for', 'GroupRef',
-           'ModelAnatomy', 'KeyInfo', 'parse_key', 'canonical_key', 'key_for', 'KeyMatch', 'match_report', 'match_keys',
-           'list_checkpoint_keys', 'guess_family', 'inspect_checkpoint', 'inspect_cli']
-
-# %% ../nbs/00_anatomy.ipynb #40e0053b
-GROUPS = ('attn_q', 'attn_k', 'attn_v', 'attn_o', 'fwd_gate', 'fwd_up', 'fwd_down')
-ROW_GROUPS = ('attn_q', 'attn_k', 'attn_v', 'fwd_gate', 'fwd_up')  # a neuron = an output row of W[out, in]
-COL_GROUPS = ('attn_o', 'fwd_down')                                 # a neuron = an input column of W[out, in]
-# Fused modules hold several groups in one Linear; the name says how their rows are laid out.
-FUSED = {
-    'attn_qkv':         ('attn_q', 'attn_k', 'attn_v'),  # Phi-3 `qkv_proj`: rows [q; k; v] concatenated
-    'attn_qkv_grouped': ('attn_q', 'attn_k', 'attn_v'),  # InternLM2 `wqkv`: per kv head [G q heads, k, v]
-    'fwd_gate_up':      ('fwd_gate', 'fwd_up'),          # Phi-3 `gate_up_proj`: rows [gate; up]
-}
-NORMS = ('input_norm', 'post_attn_norm', 'pre_ffn_norm', 'post_ffn_norm')
-COMPONENTS = ('lm_layer', 'embed', 'lm_head', 'final_norm', 'vision', 'projector', 'other')
-
-# %% ../nbs/00_anatomy.ipynb #fb1bf806
-@dataclass(frozen=True)
-class Decoder:
-    "Where one decoder architecture keeps its tensors, as dotted paths relative to its language model."
-    name: str                     # 'llama', 'gemma2', 'phi3', 'internlm2', ...
-    modules: dict                 # group (GROUPS or a FUSED name) -> path inside a layer, e.g. 'self_attn.q_proj'
-    norms: dict                   # norm name (NORMS) -> path inside a layer
-    layers: str = 'layers'        # ModuleList of decoder layers, relative to the language model body
-    embed: str = 'embed_tokens'   # token embedding, relative to the body
-    final_norm: str = 'norm'      # norm after the last layer, relative to the body
-    lm_head: str = 'lm_head'      # output projection, relative to the causal-LM wrapper
-    notes: str = ''               # one line for the docs table
-
-    def locate(self, group:str # one of GROUPS, or a FUSED name
-              ) -> tuple[str, str|None]:
-        "(path inside a layer, fused group or None) of the module that holds `group`."
-        if group in self.modules: return self.modules[group], (group if group in FUSED else None)
-        for fg, members in FUSED.items():
-            if group in members and fg in self.modules: return self.modules[fg], fg
-        raise KeyError(f"decoder {self.name!r} has no module for group {group!r}; it has {sorted(self.modules)}")
-
-# %% ../nbs/00_anatomy.ipynb #3df9f656
-_LLAMA_MODULES = {'attn_q': 'self_attn.q_proj', 'attn_k': 'self_attn.k_proj', 'attn_v': 'self_attn.v_proj',
-                  'attn_o': 'self_attn.o_proj', 'fwd_gate': 'mlp.gate_proj', 'fwd_up': 'mlp.up_proj',
-                  'fwd_down': 'mlp.down_proj'}
-_LLAMA_NORMS = {'input_norm': 'input_layernorm', 'post_attn_norm': 'post_attention_layernorm'}
-DECODERS: dict[str, Decoder] = {}
-
-def register_decoder(dec:Decoder, # the decoder layout to add
-                     overwrite:bool=False # replace an existing decoder of the same name
-                    ) -> Decoder:
-    "Add a decoder layout to `DECODERS`."
-    if dec.name in DECODERS and not overwrite: raise ValueError(f"decoder {dec.name!r} exists; pass overwrite=True")
-    bad = [g for g in dec.modules if g not in GROUPS and g not in FUSED]
-    if bad: raise ValueError(f"decoder {dec.name!r}: unknown groups {bad}; use names from GROUPS or FUSED")
-    covered = {m for g in dec.modules for m in FUSED.get(g, (g,))}
-    if covered != set(GROUPS): raise ValueError(f"decoder {dec.name!r} does not place groups {sorted(set(GROUPS) - covered)}")
-    DECODERS[dec.name] = dec
-    return dec
-
-register_decoder(Decoder('llama', _LLAMA_MODULES, _LLAMA_NORMS,
-                         notes='Llama, Mistral, Qwen2 (q/k/v biases), Qwen2-VL text'))
-register_decoder(Decoder('gemma2', _LLAMA_MODULES,
-                         {**_LLAMA_NORMS, 'pre_ffn_norm': 'pre_feedforward_layernorm',
-                          'post_ffn_norm': 'post_feedforward_layernorm'},
-                         notes='four norms per layer; post_attn_norm is a true post-norm'))
-register_decoder(Decoder('phi3', {'attn_qkv': 'self_attn.qkv_proj', 'attn_o': 'self_attn.o_proj',
-                                  'fwd_gate_up': 'mlp.gate_up_proj', 'fwd_down': 'mlp.down_proj'}, _LLAMA_NORMS,
-                         notes='fused qkv_proj [q;k;v] and gate_up_proj [gate;up]'))
-register_decoder(Decoder('internlm2', {'attn_qkv_grouped': 'attention.wqkv', 'attn_o': 'attention.wo',
-                                       'fwd_gate': 'feed_forward.w1', 'fwd_up': 'feed_forward.w3',
-                                       'fwd_down': 'feed_forward.w2'},
-                         {'input_norm': 'attention_norm', 'post_attn_norm': 'ffn_norm'},
-                         embed='tok_embeddings', lm_head='output',
-                         notes='remote code (InternVL2); wqkv grouped per kv head'))
-
-# %% ../nbs/00_anatomy.ipynb #f327d12d
-@dataclass(frozen=True)
-class KeyLayout:
-    "Prefixes of one checkpoint layout of a family."
-    tag: str                   # 'new' | 'old' | 'text'
-    body: str                  # language model body: holds `layers.N`, the embedding and the final norm
-    head: str = ''             # causal-LM wrapper that holds the lm_head ('' = top level)
-    vision: tuple = ()         # prefixes of the vision tower
-    projector: tuple = ()      # prefixes of the vision-to-text projector (and other multimodal glue)
-
-# %% ../nbs/00_anatomy.ipynb #d2357ff1
-@dataclass(frozen=True)
-class Family:
-    "One model family: the model types it answers to, its decoder and its checkpoint layouts."
-    name: str                  # 'llama', 'llava_next', 'qwen2_5_vl', ...
-    model_types: tuple         # config.model_type values of this family
-    kind: str                  # 'text' | 'vlm' | 'remote' (a VLM whose modelling code lives on the Hub)
-    layouts: tuple             # KeyLayouts; the first is the one a loaded model has
-    decoder: str|None = None   # a DECODERS name; None: chosen from the text config's model_type
-    examples: tuple = ()       # real Hub ids of this family
-    notes: str = ''            # one line for the docs table
-
-    def layout(self, tag:str|None=None # layout tag; None = the first (loaded-model) layout
-              ) -> KeyLayout:
-        "The layout with this tag."
-        if tag is None: return self.layouts[0]
-        for l in self.layouts:
-            if l.tag == tag: return l
-        raise KeyError(f"family {self.name!r} has no {tag!r} layout; it has {[l.tag for l in self.layouts]}")
-
-# %% ../nbs/00_anatomy.ipynb #0f6d9e8d
-FAMILIES: dict[str, Family] = {}
-
-def _join(*parts:str) -> str: return '.'.join(p for p in parts if p)
-
-# %% ../nbs/00_anatomy.ipynb #e68fb9a9
-def register_family(fam:Family, # the family to add
-                    overwrite:bool=False # replace a family of the same name (and take over its model types)
-                   ) -> Family:
-    "Add a family to `FAMILIES` after checking its fields."
-    if fam.kind not in ('text', 'vlm', 'remote'): raise ValueError(f"family {fam.name!r}: kind must be 'text', 'vlm' or 'remote', got {fam.kind!r}")
-    if fam.decoder is not None and fam.decoder not in DECODERS:
-        raise ValueError(f"family {fam.name!r}: unknown decoder {fam.decoder!r}; known: {sorted(DECODERS)} (register_decoder adds one)")
-    if not fam.layouts: raise ValueError(f"family {fam.name!r} needs at least one KeyLayout")
-    for l in fam.layouts:
-        if l.tag not in ('new', 'old', 'text'): raise ValueError(f"family {fam.name!r}: layout tag {l.tag!r} is not 'new', 'old' or 'text'")
-    if fam.name in FAMILIES and not overwrite: raise ValueError(f"family {fam.name!r} exists; pass overwrite=True to replace it")
-    for other in FAMILIES.values():
-        if other.name != fam.name and set(other.model_types) & set(fam.model_types) and not overwrite:
-            raise ValueError(f"family {fam.name!r}: model types {sorted(set(other.model_types) & set(fam.model_types))} belong to {other.name!r}")
-    FAMILIES[fam.name] = fam
-    return fam
-
-# %% ../nbs/00_anatomy.ipynb #69bdd78b
-_TEXT = (KeyLayout('text', 'model'),)
-_LLAVA_NEW = KeyLayout('new', 'model.language_model', '', ('model.vision_tower',), ('model.multi_modal_projector',))
-_LLAVA_OLD = KeyLayout('old', 'language_model.model', 'language_model', ('vision_tower',), ('multi_modal_projector',))
-_QWENVL = (KeyLayout('new', 'model.language_model', '', ('model.visual',), ('model.visual.merger',)),
-           KeyLayout('old', 'model', '', ('visual',), ('visual.merger',)))
-for _f in [
-    Family('llama', ('llama',), 'text', _TEXT, 'llama', ('meta-llama/Llama-3.1-8B-Instruct', 'deepseek-ai/DeepSeek-R1-Distill-Llama-8B')),
-    Family('mistral', ('mistral',), 'text', _TEXT, 'llama', ('mistralai/Mistral-7B-Instruct-v0.3',)),
-    Family('qwen2', ('qwen2',), 'text', _TEXT, 'llama', ('Qwen/Qwen2.5-7B-Instruct', 'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'),
-           notes='q/k/v carry biases'),
-    Family('gemma2', ('gemma2',), 'text', _TEXT, 'gemma2', ('google/gemma-2-9b-it',), notes='tied lm_head; extra norms'),
-    Family('phi3', ('phi3',), 'text', _TEXT, 'phi3', ('microsoft/Phi-3-mini-4k-instruct',), notes='fused qkv and gate/up'),
-    Family('llava', ('llava',), 'vlm', (_LLAVA_NEW, _LLAVA_OLD), None, ('llava-hf/llava-1.5-7b-hf',),
-           notes='decoder from text_config (llama, mistral, qwen2, ...)'),
-    Family('llava_next', ('llava_next',), 'vlm',
-           (KeyLayout('new', 'model.language_model', '', ('model.vision_tower',), ('model.multi_modal_projector', 'model.image_newline')),
-            KeyLayout('old', 'language_model.model', 'language_model', ('vision_tower',), ('multi_modal_projector', 'image_newline'))),
-           None, ('llava-hf/llama3-llava-next-8b-hf', 'llava-hf/llava-v1.6-mistral-7b-hf'), notes='image_newline counts as projector'),
-    Family('idefics3', ('idefics3',), 'vlm',
-           (KeyLayout('new', 'model.text_model', '', ('model.vision_model',), ('model.connector',)),), None,
-           ('HuggingFaceM4/Idefics3-8B-Llama3',), notes='same layout in transformers 4.x and 5'),
-    Family('qwen2_vl', ('qwen2_vl',), 'vlm', _QWENVL, 'llama', ('Qwen/Qwen2-VL-7B-Instruct',),
-           notes='projector (merger) inside the vision tower'),
-    Family('qwen2_5_vl', ('qwen2_5_vl',), 'vlm', _QWENVL, 'llama', ('Qwen/Qwen2.5-VL-7B-Instruct',),
-           notes='projector (merger) inside the vision tower'),
-    Family('minicpmv', ('minicpmv',), 'remote',
-           (KeyLayout('old', 'llm.model', 'llm', ('vpm',), ('resampler',)),), 'llama',
-           ('openbmb/MiniCPM-V-2_6', 'openbmb/MiniCPM-Llama3-V-2_5'), notes='remote code; LLM is Qwen2 (2.6) or Llama 3 (2.5)'),
-    Family('internvl', ('internvl_chat',), 'remote',
-           (KeyLayout('old', 'language_model.model', 'language_model', ('vision_model',), ('mlp1',)),), None,
-           ('OpenGVLab/InternVL2_5-8B', 'OpenGVLab/InternVL2-8B'), notes='remote code; decoder from llm_config (internlm2, qwen2, llama, phi3)'),
-]: register_family(_f)
-
-# %% ../nbs/00_anatomy.ipynb #a8bcb834
-def families_table() -> 'pandas.DataFrame':
-    "One row per family and checkpoint layout: the anatomy table as a DataFrame."
-    import pandas as pd
-    rows = []
-    for f in FAMILIES.values():
-        dec = DECODERS[f.decoder] if f.decoder else None
-        for l in f.layouts:
-            head = _join(l.head, dec.lm_head if dec else '<lm_head of the decoder>')
-            rows.append(dict(family=f.name, kind=f.kind, model_types=', '.join(f.model_types), layout=l.tag,
-                             decoder=f.decoder or '(from text config)',
-                             layers=f"{l.body}.{dec.layers if dec else 'layers'}.N", lm_head=head,
-                             vision=', '.join(l.vision) or '-', projector=', '.join(l.projector) or '-', notes=f.notes))
-    return pd.DataFrame(rows)
-
-# %% ../nbs/00_anatomy.ipynb #f011f6d8
-class UnknownFamilyError(ValueError):
-    "A model type that no registered family answers to."
-
-# %% ../nbs/00_anatomy.ipynb #945310ea
-def _unknown(what:str, source:str='') -> UnknownFamilyError:
-    known = ', '.join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
-    return UnknownFamilyError(
-        f"unknown model family: {what}{' in ' + source if source else ''}. Known families (model_type): {known}. "
-        "To add one, describe it as data: register_family(Family(name, model_types=(...), kind='text'|'vlm'|'remote', "
-        "layouts=(KeyLayout('new', body='model.language_model', head='', vision=(...), projector=(...)), ...), "
-        "decoder='llama')) -- and register_decoder(Decoder(...)) if its layers are not laid out like an existing "
-        f"decoder ({', '.join(DECODERS)}). See nbs/00_anatomy.ipynb, 'Adding a family'.")
-
-# %% ../nbs/00_anatomy.ipynb #faa225e6
-def _cfg_get(cfg, name:str, default=None):
-    "A field of a config object or dict."
-    if cfg is None: return default
-    if isinstance(cfg, dict): return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-# %% ../nbs/00_anatomy.ipynb #09a29330
-def _read_config(path:Path) -> dict:
-    f = Path(path) / 'config.json' if Path(path).is_dir() else Path(path)
-    if not f.exists(): raise FileNotFoundError(f"no config.json in {path}")
-    try: return json.loads(f.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None
-
-# %% ../nbs/00_anatomy.ipynb #e3152532
-def get_family(obj # a model, a config (object or dict), a family name, or a folder holding config.json
-              ) -> Family:
-    "The `Family` of `obj`, read from its `model_type`."
-    if isinstance(obj, Family): return obj
-    source = ''
-    if isinstance(obj, (str, Path)):
-        if isinstance(obj, str) and obj in FAMILIES: return FAMILIES[obj]
-        if not Path(obj).exists():
-            raise _unknown(f"{str(obj)!r} is neither a family name nor an existing folder")
-        source, obj = str(obj), _read_config(Path(obj))
-    cfg = obj if isinstance(obj, dict) else getattr(obj, 'config', obj)
-    mt = _cfg_get(cfg, 'model_type')
-    for f in FAMILIES.values():
-        if mt in f.model_types: return f
-    archs = _cfg_get(cfg, 'architectures') or []
-    raise _unknown(f"model_type={mt!r}" + (f" (architectures={list(archs)})" if archs else ''), source)
-
-# %% ../nbs/00_anatomy.ipynb #3ab57467
-def text_config_of(config # a config object or dict, of a text LLM or a VLM
-                  ):
-    "The language-model part of `config`: `text_config`, InternVL's `llm_config`, or `config` itself."
-    if config is None: return None
-    if isinstance(config, dict):
-        for k in ('text_config', 'llm_config'):
-            if isinstance(config.get(k), dict): return _with_defaults(config[k])
-        return _with_defaults(config)
-    llm = getattr(config, 'llm_config', None)
-    if llm is not None: return text_config_of(llm) if isinstance(llm, dict) else llm
-    if hasattr(config, 'get_text_config'): return config.get_text_config()
-    return config
-
-# %% ../nbs/00_anatomy.ipynb #2b143327
-def _with_defaults(d:dict) -> dict:
-    "A config dict with the defaults of its transformers class filled in (sparse llava-hf text_configs)."
-    mt = d.get('model_type')
-    try:
-        from transformers import CONFIG_MAPPING
-        if mt in CONFIG_MAPPING:
-            cfg = CONFIG_MAPPING[mt](**{k: v for k, v in d.items() if k != 'model_type'})
-            return {**cfg.to_dict(), **d}
-    except Exception: pass
-    return d
-
-# %% ../nbs/00_anatomy.ipynb #ce7d5a12
-@dataclass
-class HeadGeometry:
-    "Attention and MLP sizes of a language model, and maps between q and grouped k/v neuron indices."
-    n_heads: int             # query heads
-    n_kv_heads: int          # key/value heads (== n_heads without grouped-query attention)
-    head_dim: int            # dimensions per head
-    hidden_size: int         # residual stream width
-    intermediate_size: int   # MLP width
-    n_layers: int            # decoder layers
-    vocab_size: int|None = None  # rows of the embedding
-
-    def __post_init__(self):
-        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
-    @property
-    def group_size(self) -> int: return self.n_heads // self.n_kv_heads
-    @property
-    def q_dim(self) -> int: return self.n_heads * self.head_dim
-    @property
-    def kv_dim(self) -> int: return self.n_kv_heads * self.head_dim
-
-# %% ../nbs/00_anatomy.ipynb #23c0b2fd
-@patch
-def n_neurons(self:HeadGeometry, group:str # one of GROUPS
-             ) -> int:
-    "How many neurons (rows of a row group, columns of a column group) `group` has."
-    return {'attn_q': self.q_dim, 'attn_o': self.q_dim, 'attn_k': self.kv_dim, 'attn_v': self.kv_dim,
-            'fwd_gate': self.intermediate_size, 'fwd_up': self.intermediate_size,
-            'fwd_down': self.intermediate_size}[group]
-
-# %% ../nbs/00_anatomy.ipynb #3c711420
-@patch
-def q_to_kv(self:HeadGeometry, indices:Iterable[int] # q (or o-column) neuron indices
-           ) -> list[int]:
-    "Sorted unique k/v neuron indices read by these q neurons (same dimension of the shared kv head)."
-    d, g = self.head_dim, self.group_size
-    out = set()
-    for n in indices:
-        n = int(n)
-        if not 0 <= n < self.q_dim: raise IndexError(f"q neuron {n} out of range [0, {self.q_dim})")
-        out.add((n // d // g) * d + n % d)
-    return sorted(out)
-
-# %% ../nbs/00_anatomy.ipynb #3028afc1
-@patch
-def kv_to_q(self:HeadGeometry, indices:Iterable[int] # k or v neuron indices
-           ) -> list[int]:
-    "Sorted unique q neuron indices whose heads read these k/v neurons."
-    d, g = self.head_dim, self.group_size
-    out = set()
-    for m in indices:
-        m = int(m)
-        if not 0 <= m < self.kv_dim: raise IndexError(f"kv neuron {m} out of range [0, {self.kv_dim})")
-        out.update((((m // d) * g + j) * d + m % d) for j in range(g))
-    return sorted(out)
-
-# %% ../nbs/00_anatomy.ipynb #2386d632
-def head_geometry(config # a config object or dict (text LLM or VLM)
-                 ) -> HeadGeometry:
-    "Head geometry of the language model described by `config`."
-    tc = text_config_of(config)
-    def need(name):
-        v = _cfg_get(tc, name)
-        if v is None: raise ValueError(f"config has no {name!r} for its language model (model_type={_cfg_get(config, 'model_type')!r})")
-        return int(v)
-    H, hidden = need('num_attention_heads'), need('hidden_size')
-    kv = _cfg_get(tc, 'num_key_value_heads') or H
-    hd = _cfg_get(tc, 'head_dim') or hidden // H
-    return HeadGeometry(H, int(kv), int(hd), hidden, need('intermediate_size'), need('num_hidden_layers'),
-                        _cfg_get(tc, 'vocab_size'))
-
-# %% ../nbs/00_anatomy.ipynb #2ecc0958
-def fused_rows(fused:str, # a FUSED name: 'attn_qkv', 'attn_qkv_grouped' or 'fwd_gate_up'
-               group:str, # the member group: 'attn_q', 'attn_k', 'attn_v', 'fwd_gate' or 'fwd_up'
-               geom:HeadGeometry # head geometry of the model
-              ) -> slice|torch.Tensor:
-    "Rows of the fused weight that hold `group`, in `group`'s neuron order."
-    if group not in FUSED.get(fused, ()): raise KeyError(f"group {group!r} is not part of fused {fused!r} (members: {FUSED.get(fused)})")
-    q, kv, I = geom.q_dim, geom.kv_dim, geom.intermediate_size
-    if fused == 'attn_qkv': return {'attn_q': slice(0, q), 'attn_k': slice(q, q + kv), 'attn_v': slice(q + kv, q + 2 * kv)}[group]
-    if fused == 'fwd_gate_up': return {'fwd_gate': slice(0, I), 'fwd_up': slice(I, 2 * I)}[group]
-    d, G, K = geom.head_dim, geom.group_size, geom.n_kv_heads   # attn_qkv_grouped: [K, G+2, d] rows
-    base = torch.arange(K)[:, None] * (G + 2) * d
-    if group == 'attn_q': return (base[:, :, None] + torch.arange(G * d)[None, None, :]).reshape(-1)
-    off = G * d if group == 'attn_k' else (G + 1) * d
-    return (base + off + torch.arange(d)[None, :]).reshape(-1)
-
-# %% ../nbs/00_anatomy.ipynb #97d8ea05
-def fused_size(fused:str, geom:HeadGeometry) -> int:
-    "Rows of a fused weight."
-    return geom.intermediate_size * 2 if fused == 'fwd_gate_up' else geom.q_dim + 2 * geom.kv_dim
-
-# %% ../nbs/00_anatomy.ipynb #bd309b76
-def split_fused(t:torch.Tensor, # a fused weight [rows, in] or bias [rows]
-                fused:str, # a FUSED name
-                geom:HeadGeometry # head geometry of the model
-               ) -> dict[str, torch.Tensor]:
-    "Split a fused weight (or bias) into its groups: {group: rows}."
-    if t.shape[0] != fused_size(fused, geom):
-        raise ValueError(f"fused {fused!r} tensor has {t.shape[0]} rows; the head geometry says {fused_size(fused, geom)}")
-    return {g: t[fused_rows(fused, g, geom)] for g in FUSED[fused]}
-
-# %% ../nbs/00_anatomy.ipynb #133f26b5
-def fuse_groups(parts:dict, # {group: tensor} for every member of `fused`
-                fused:str, # a FUSED name
-                geom:HeadGeometry # head geometry of the model
-               ) -> torch.Tensor:
-    "The inverse of `split_fused`: one fused tensor from its groups."
-    missing = [g for g in FUSED[fused] if g not in parts]
-    if missing: raise KeyError(f"fuse_groups({fused!r}) misses {missing}")
-    first = parts[FUSED[fused][0]]
-    out = first.new_empty((fused_size(fused, geom), *first.shape[1:]))
-    for g in FUSED[fused]: out[fused_rows(fused, g, geom)] = parts[g]
-    return out
+__all__ = ['TINY_FAMILIES', 'tiny_config', 'tiny_model', 'decoder_for', 'GroupRef', 'ModelAnatomy', 'KeyInfo', 'parse_key',
+           'canonical_key', 'key_for', 'KeyMatch', 'match_report', 'match_keys', 'list_checkpoint_keys', 'guess_family',
+           'inspect_checkpoint', 'inspect_cli', 'GROUPS', 'ROW_GROUPS', 'COL_GROUPS', 'FUSED', 'NORMS', 'COMPONENTS',
+           'DECODERS', 'FAMILIES', 'Decoder', 'register_decoder', 'KeyLayout', 'Family', 'register_family',
+           'families_table', 'UnknownFamilyError', 'get_family', 'text_config_of', 'HeadGeometry', 'head_geometry',
+           'fused_rows', 'fused_size', 'split_fused', 'fuse_groups']
 
 # %% ../nbs/00_anatomy.ipynb #16d077a8
 TINY_FAMILIES = ('llama', 'mistral', 'qwen2', 'gemma2', 'phi3', 'llava', 'llava_next', 'idefics3', 'qwen2_vl', 'qwen2_5_vl')
@@ -480,7 +124,7 @@ class GroupRef:
         b = self.module.bias
         return b if b is None or self.rows is None else b[self.rows]
 
-# %% ../nbs/00_anatomy.ipynb #5d2d39fa
+# %% ../nbs/00_anatomy.ipynb #0f890b65
 class ModelAnatomy:
     "The anatomy table resolved against a loaded model."
     def __init__(self, model:nn.Module, # a loaded model (transformers class or remote code)
@@ -507,21 +151,30 @@ class ModelAnatomy:
         first = lambda ps: next((m for m in (_resolve(model, p) for p in ps) if isinstance(m, nn.Module)), None)
         self.vision, self.projector = first(lay.vision), first(lay.projector)
 
-    def _check(self, layer:int):
-        if not -self.n_layers <= layer < self.n_layers: raise IndexError(f"layer {layer} out of range: the model has {self.n_layers}")
-        return layer % self.n_layers
 
-    def module(self, layer:int, group:str) -> nn.Linear:
-        "The `nn.Linear` holding `group` in `layer` (the fused one for fused families: see `rows`)."
-        return self.ref(layer, group).module
+# %% ../nbs/00_anatomy.ipynb #6667f0b3
+@patch
+def _check(self:ModelAnatomy, layer:int):
+    if not -self.n_layers <= layer < self.n_layers: raise IndexError(f"layer {layer} out of range: the model has {self.n_layers}")
+    return layer % self.n_layers
 
-    def weight(self, layer:int, group:str) -> torch.Tensor:
-        "The weight of `group` in `layer`, [out, in] (rows of the fused weight where fused)."
-        return self.ref(layer, group).weight()
+# %% ../nbs/00_anatomy.ipynb #fc1bb4fe
+@patch
+def module(self:ModelAnatomy, layer:int, group:str) -> nn.Linear:
+    "The `nn.Linear` holding `group` in `layer` (the fused one for fused families: see `rows`)."
+    return self.ref(layer, group).module
 
-    def iter_group(self, group:str) -> Iterator[tuple[int, nn.Linear]]:
-        "(layer, nn.Linear) for every decoder layer."
-        for i in range(self.n_layers): yield i, self.module(i, group)
+# %% ../nbs/00_anatomy.ipynb #c751a4cd
+@patch
+def weight(self:ModelAnatomy, layer:int, group:str) -> torch.Tensor:
+    "The weight of `group` in `layer`, [out, in] (rows of the fused weight where fused)."
+    return self.ref(layer, group).weight()
+
+# %% ../nbs/00_anatomy.ipynb #0d9e2ad9
+@patch
+def iter_group(self:ModelAnatomy, group:str) -> Iterator[tuple[int, nn.Linear]]:
+    "(layer, nn.Linear) for every decoder layer."
+    for i in range(self.n_layers): yield i, self.module(i, group)
 
 # %% ../nbs/00_anatomy.ipynb #c4928fde
 @patch

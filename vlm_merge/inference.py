@@ -113,7 +113,17 @@ def allow_remote_code(path, # the model folder or Hub id
         warnings.warn(f'{path}: trust_remote_code=True runs the Python files {", ".join(files)} of this model folder', stacklevel=2)
     return bool(trust_remote_code)
 
-# %% ../nbs/10_inference.ipynb #2eac7dc8
+# %% ../nbs/10_inference.ipynb #534840cf
+def _eos_ids(model, tokenizer) -> list|None:
+    "The ids that end a reply: the generation config's, the tokenizer's eos, and the chat end tokens its vocabulary has."
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    for t in (tokenizer.eos_token, '<|eot_id|>', '<end_of_utterance>', '<|im_end|>'):
+        i = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
+        if i is not None and i not in eos: eos.append(i)
+    return eos or None
+
+# %% ../nbs/10_inference.ipynb #4bc34d3f
 class Inferencer:
     "Batched generation with a text or vision-language model, whatever its backend."
     def __init__(self,
@@ -153,12 +163,7 @@ class Inferencer:
         self.tokenizer.padding_side = 'left'
         if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_token_id = self.tokenizer.pad_token_id
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
-        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        for t in (self.tokenizer.eos_token, '<|eot_id|>', '<end_of_utterance>', '<|im_end|>'):
-            i = self.tokenizer.convert_tokens_to_ids(t) if t in self.tokenizer.get_vocab() else None
-            if i is not None and i not in eos: eos.append(i)
-        self.eos_token_id = eos or None
+        self.eos_token_id = _eos_ids(self.model, self.tokenizer)
 
     def __repr__(self): return f'Inferencer({self.model_path or type(self.model).__name__!r}, backend={self.backend_name!r}, device={self.device!r})'
 

@@ -103,7 +103,42 @@ def _canon_index(reader:CheckpointReader) -> dict:
         if c is not None: out.setdefault(c, k)
     return out
 
-# %% ../nbs/06_neuron_merge.ipynb #7e65aef4
+# %% ../nbs/06_neuron_merge.ipynb #9afdea74
+def _parts(info, # a `KeyInfo` from `parse_key`
+           nj:dict # the shared-neuron dict {group: {layer: [indices]}}
+          ) -> list:
+    "The (group, neuron indices) pairs a base tensor carries: its own group, or each member of a fused q/k/v or gate/up."
+    lm = info.component == 'lm_layer' and info.suffix == 'weight'
+    if lm and info.group in FUSED:   # fused q/k/v or gate/up: each member's rows, one after the other
+        return [(g, nj[g][str(info.layer)]) for g in FUSED[info.group] if nj.get(g, {}).get(str(info.layer))]
+    return [(info.group, nj[info.group][str(info.layer)])] if lm and nj.get(info.group, {}).get(str(info.layer)) else []
+
+# %% ../nbs/06_neuron_merge.ipynb #4b9f1266
+def _merge_parts(m:torch.Tensor, ta:torch.Tensor, tb:torch.Tensor, # base (on the merge device), A and B
+                 key:str, info, parts:list, # the base key, its `KeyInfo`, and its `_parts`
+                 config:dict, kw:dict, geom=None # the base's config, the rule's arguments, head geometry once known
+                ) -> tuple:
+    "Merge each group of `parts` into `m`; a fused weight's member indices become rows of the fused weight. Returns (merged, geometry)."
+    for g, idx in parts:
+        if info.group in FUSED:   # member indices -> rows of the fused weight
+            geom = geom or head_geometry(config)
+            r = fused_rows(info.group, g, geom)
+            r = torch.arange(m.shape[0])[r] if isinstance(r, slice) else r
+            if max(idx) >= len(r): raise ValueError(f'{key}: {g} neuron index {max(idx)} out of range for {len(r)} rows')
+            m = merge_weight(m, ta, tb, 'attn_q', r[torch.as_tensor(idx)].tolist(), name=key, proj=r, **kw)
+        else: m = merge_weight(m, ta, tb, g, idx, name=key, **kw)
+    return m, geom
+
+# %% ../nbs/06_neuron_merge.ipynb #6b515e2c
+def _dtype_config(config:dict, out_dt:torch.dtype) -> dict:
+    "The base's config.json with the output dtype written where transformers reads it (and in a VLM's text_config)."
+    cfg = dict(config)
+    tname = str(out_dt).replace('torch.', '')
+    cfg['torch_dtype'] = cfg['dtype'] = tname
+    if isinstance(cfg.get('text_config'), dict): cfg['text_config'] = {**cfg['text_config'], 'dtype': tname}
+    return cfg
+
+# %% ../nbs/06_neuron_merge.ipynb #f4ba1dac
 def neuron_merge(base:str|Path,            # base model folder or Hub id (its keys, config, class are kept)
                  model_a:str|Path,         # model A (often the base itself)
                  model_b:str|Path,         # model B (e.g. a reasoning LLM)
@@ -134,25 +169,14 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
             for key in tqdm(rb.keys(), desc=f'neuron merge ({method})', disable=not progress):
                 t = check_finite(rb.get(key), key, rb)
                 info = parse_key(key)
-                lm = info.component == 'lm_layer' and info.suffix == 'weight'
-                if lm and info.group in FUSED:   # fused q/k/v or gate/up: each member's rows, one after the other
-                    parts = [(g, nj[g][str(info.layer)]) for g in FUSED[info.group] if nj.get(g, {}).get(str(info.layer))]
-                else: parts = [(info.group, nj[info.group][str(info.layer)])] if lm and nj.get(info.group, {}).get(str(info.layer)) else []
+                parts = _parts(info, nj)
                 if parts:
                     c = canonical_key(key)
                     for nm, cidx, r in (('model_a', ca, ra), ('model_b', cb, rB)):
                         if c not in cidx: raise KeyError(f'{nm} ({r.path}) has no tensor matching {key} (canonical {c})')
                     ta, tb = check_finite(ra.get(ca[c], device=dev), ca[c], ra), check_finite(rB.get(cb[c], device=dev), cb[c], rB)
-                    m = t.to(dev)
-                    for g, idx in parts:
-                        if info.group in FUSED:   # member indices -> rows of the fused weight
-                            geom = geom or head_geometry(rb.config)
-                            r = fused_rows(info.group, g, geom)
-                            r = torch.arange(m.shape[0])[r] if isinstance(r, slice) else r
-                            if max(idx) >= len(r): raise ValueError(f'{key}: {g} neuron index {max(idx)} out of range for {len(r)} rows')
-                            m = merge_weight(m, ta, tb, 'attn_q', r[torch.as_tensor(idx)].tolist(), name=key, proj=r, **kw)
-                        else: m = merge_weight(m, ta, tb, g, idx, name=key, **kw)
-                        used.add((g, str(info.layer))); stats['changed_neurons'] += len(idx)
+                    m, geom = _merge_parts(t.to(dev), ta, tb, key, info, parts, rb.config, kw, geom)
+                    for g, idx in parts: used.add((g, str(info.layer))); stats['changed_neurons'] += len(idx)
                     if not torch.isfinite(m).all(): raise ValueError(f'{key}: merge produced NaN/Inf')
                     t = m.to(out_dt or t.dtype).cpu(); stats['changed_tensors'] += 1
                 elif out_dt is not None and t.is_floating_point(): t = t.to(out_dt)
@@ -160,12 +184,7 @@ def neuron_merge(base:str|Path,            # base model folder or Hub id (its ke
             missing = [f'{g}.{l}' for g, d in nj.items() for l, v in d.items() if v and (g, l) not in used]
             if missing: raise KeyError(f'shared neurons for {missing[:5]} match no weight of the base {rb.path}')
             w.copy_aux(rb)
-            if out_dt is not None:
-                cfg = dict(rb.config)
-                tname = str(out_dt).replace('torch.', '')
-                cfg['torch_dtype'] = cfg['dtype'] = tname
-                if isinstance(cfg.get('text_config'), dict): cfg['text_config'] = {**cfg['text_config'], 'dtype': tname}
-                w.write_json('config.json', cfg)
+            if out_dt is not None: w.write_json('config.json', _dtype_config(rb.config, out_dt))
             w.write_json('neuron_merge.json', {'base': str(base), 'model_a': str(model_a), 'model_b': str(model_b),
                          'neurons': str(neurons) if not isinstance(neurons, dict) else 'dict', **kw, **stats, **(meta or {})})
     return Path(output_dir)

@@ -11,12 +11,13 @@ from .detect import (Detection, detect_neurons, detection_paths, load_detection_
                               write_neuron_json)
 from .shared import shared_neurons, overlap_table, overlap_heatmap, group_sizes, _geometry
 from .neuron_merge import neuron_merge, MERGE_RULES
+from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['PRESETS', 'SELECTIONS', 'DEMO_MARKER', 'DEMO_KINDS', 'PresetGuessWarning', 'preset_for', 'PipelineConfig',
            'stage_done', 'mark_done', 'run_pipeline', 'run_cli', 'demo', 'format_demo_table', 'demo_cli']
 
-# %% ../nbs/15_pipeline.ipynb #6445491f
+# %% ../nbs/15_pipeline.ipynb #02edee08
 PRESETS = {
     'idefics3':    dict(lora_rank=4,  lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3),
     'internvl-3b': dict(lora_rank=32, lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3),
@@ -29,6 +30,7 @@ PRESETS = {
 class PresetGuessWarning(UserWarning):
     "The preset was guessed: the seed's table has no row for this model's family and size."
 
+# %% ../nbs/15_pipeline.ipynb #70fc97da
 def _model_family(model:str) -> tuple[str|None, float|None]:
     "(family, size in billions) from a model id or folder (its config.json's model_type when it has one)."
     import re
@@ -46,6 +48,7 @@ def _model_family(model:str) -> tuple[str|None, float|None]:
     if 'minicpm' in m: return 'minicpm-v', size
     return None, size
 
+# %% ../nbs/15_pipeline.ipynb #be4fb227
 def preset_for(model:str,      # a model id or folder, e.g. 'Qwen/Qwen2.5-VL-3B-Instruct'
                warn:bool=True  # warn (`PresetGuessWarning`) when the preset is a guess
               ) -> str|None:
@@ -68,13 +71,14 @@ def preset_for(model:str,      # a model id or folder, e.g. 'Qwen/Qwen2.5-VL-3B-
                       f"(`preset:` of the model entry or of the config) to choose it", PresetGuessWarning, stacklevel=2)
     return name
 
-# %% ../nbs/15_pipeline.ipynb #49a38789
+# %% ../nbs/15_pipeline.ipynb #f9208c6f
 SELECTIONS = ('mean', 'intersect')
 
 _ENV = {'neuron_base': ('NEURON_BASE', str), 'output_base': ('OUTPUT_BASE', str), 'corpus_path': ('CORPUS_PATH', str),
         'multimodal_file': ('MULTIMODAL_FILE', str), 'sample_size': ('SAMPLE_SIZE', int),
         'skip_detect': ('SKIP_DETECT', lambda v: v.strip().lower() in ('1', 'true', 'yes'))}
 
+# %% ../nbs/15_pipeline.ipynb #7a54fae0
 @dataclass
 class PipelineConfig:
     "What the run-all pipeline does; see the YAML example above."
@@ -101,49 +105,54 @@ class PipelineConfig:
     evaluate: dict|None = None                   # {task, data, limit, max_new_tokens, batch_size} or None
     trust_remote_code: bool = False              # let model folders' own Python code run (only for models you trust)
 
-    @classmethod
-    def from_dict(cls, d:dict, env:dict|None=None, **overrides):
-        "Config from a dict; absent keys fall back to the seed's environment variables; `overrides` (not None) win."
-        env = os.environ if env is None else env
-        d = dict(d)
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad: raise ValueError(f'unknown config keys {bad}; known: {sorted(known)}')
-        for k, (var, conv) in _ENV.items():
-            if k not in d and env.get(var): d[k] = conv(env[var])
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        if not d.get('models'): raise ValueError('config needs a non-empty `models` list')
-        for i, m in enumerate(d['models']):
-            if not isinstance(m, dict) or 'base' not in m: raise ValueError(f'models[{i}] needs a `base` (model id or folder)')
-        bad = [m for m in d.get('methods', ['lora']) if m not in MERGE_RULES]
-        if bad: raise ValueError(f'unknown methods {bad}; expected some of {MERGE_RULES}')
-        for w, x in [('selection', d.get('selection', 'mean'))] + [(f'models[{i}].selection', m['selection']) for i, m in enumerate(d['models']) if 'selection' in m]:
-            if x not in SELECTIONS: raise ValueError(f'{w}: expected one of {SELECTIONS}, got {x!r}')
-        return cls(**d)
+# %% ../nbs/15_pipeline.ipynb #512a4362
+@patch(cls_method=True)
+def from_dict(cls:PipelineConfig, d:dict, env:dict|None=None, **overrides):
+    "Config from a dict; absent keys fall back to the seed's environment variables; `overrides` (not None) win."
+    env = os.environ if env is None else env
+    d = dict(d)
+    known = set(cls.__dataclass_fields__)
+    bad = sorted(set(d) - known)
+    if bad: raise ValueError(f'unknown config keys {bad}; known: {sorted(known)}')
+    for k, (var, conv) in _ENV.items():
+        if k not in d and env.get(var): d[k] = conv(env[var])
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    if not d.get('models'): raise ValueError('config needs a non-empty `models` list')
+    for i, m in enumerate(d['models']):
+        if not isinstance(m, dict) or 'base' not in m: raise ValueError(f'models[{i}] needs a `base` (model id or folder)')
+    bad = [m for m in d.get('methods', ['lora']) if m not in MERGE_RULES]
+    if bad: raise ValueError(f'unknown methods {bad}; expected some of {MERGE_RULES}')
+    for w, x in [('selection', d.get('selection', 'mean'))] + [(f'models[{i}].selection', m['selection']) for i, m in enumerate(d['models']) if 'selection' in m]:
+        if x not in SELECTIONS: raise ValueError(f'{w}: expected one of {SELECTIONS}, got {x!r}')
+    return cls(**d)
 
-    @classmethod
-    def from_yaml(cls, path:str|Path, **overrides):
-        import yaml
-        p = Path(path)
-        if not p.exists(): raise FileNotFoundError(f'config not found: {p}')
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {}, **overrides)
+# %% ../nbs/15_pipeline.ipynb #cc2a27c7
+@patch(cls_method=True)
+def from_yaml(cls:PipelineConfig, path:str|Path, **overrides):
+    import yaml
+    p = Path(path)
+    if not p.exists(): raise FileNotFoundError(f'config not found: {p}')
+    return cls.from_dict(yaml.safe_load(p.read_text()) or {}, **overrides)
 
-    def entry(self, m:dict) -> dict:
-        "One model entry with its preset and defaults filled in."
-        name = m.get('name') or Path(str(m['base']).rstrip('/')).name
-        pre = m.get('preset') or self.preset or preset_for(m['base']) or preset_for(name)
-        if pre is not None and pre not in PRESETS: raise ValueError(f'{name}: unknown preset {pre!r}; known: {sorted(PRESETS)}')
-        p = {**dict(lora_rank=4, lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3), **(PRESETS.get(pre) or {})}
-        p.update({k: m[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio', 'pca_k', 'pca_alpha') if k in m})
-        b = m.get('reasoning_model') or self.reasoning_model
-        if b is None: raise ValueError(f'{name}: no reasoning_model (model B) in the entry or the config')
-        return dict(name=name, base=str(m['base']), model_a=str(m.get('model_a', m['base'])), model_b=str(b), preset=pre,
-                    methods=m.get('methods', self.methods), selection=m.get('selection', self.selection), pca_k=p.get('pca_k', self.pca_k),
-                    pca_alpha=p.get('pca_alpha', self.pca_alpha), **{k: p[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio')})
+# %% ../nbs/15_pipeline.ipynb #11a38ad6
+@patch
+def entry(self:PipelineConfig, m:dict) -> dict:
+    "One model entry with its preset and defaults filled in."
+    name = m.get('name') or Path(str(m['base']).rstrip('/')).name
+    pre = m.get('preset') or self.preset or preset_for(m['base']) or preset_for(name)
+    if pre is not None and pre not in PRESETS: raise ValueError(f'{name}: unknown preset {pre!r}; known: {sorted(PRESETS)}')
+    p = {**dict(lora_rank=4, lora_beta=0.5, atten_ratio=0.3, ffn_ratio=0.3), **(PRESETS.get(pre) or {})}
+    p.update({k: m[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio', 'pca_k', 'pca_alpha') if k in m})
+    b = m.get('reasoning_model') or self.reasoning_model
+    if b is None: raise ValueError(f'{name}: no reasoning_model (model B) in the entry or the config')
+    return dict(name=name, base=str(m['base']), model_a=str(m.get('model_a', m['base'])), model_b=str(b), preset=pre,
+                methods=m.get('methods', self.methods), selection=m.get('selection', self.selection), pca_k=p.get('pca_k', self.pca_k),
+                pca_alpha=p.get('pca_alpha', self.pca_alpha), **{k: p[k] for k in ('lora_rank', 'lora_beta', 'atten_ratio', 'ffn_ratio')})
 
-# %% ../nbs/15_pipeline.ipynb #84ff4da4
+# %% ../nbs/15_pipeline.ipynb #6cb9c915
 def _stamp(path:Path) -> Path: return path.with_name(path.name + '.stage.json')
 
+# %% ../nbs/15_pipeline.ipynb #30a75229
 def stage_done(output:Path, params:dict, check=None) -> bool:
     "Whether `output` exists with a stamp equal to `params` and passes `check(output)`."
     s = _stamp(Path(output))
@@ -154,17 +163,20 @@ def stage_done(output:Path, params:dict, check=None) -> bool:
     except Exception: return False
     return True
 
+# %% ../nbs/15_pipeline.ipynb #e3fd6e9d
 def mark_done(output:Path, params:dict) -> None:
     "Write the stamp of `output` (atomically)."
     s = _stamp(Path(output)); tmp = s.with_name(s.name + '.tmp')
     tmp.write_text(json.dumps(params, default=str, indent=1)); os.replace(tmp, s)
 
+# %% ../nbs/15_pipeline.ipynb #7a54c5ca
 def _digest(path:Path) -> str|None:
     "sha256 of a file's bytes (None when absent): ties a stage to the exact outputs of the stage before."
     import hashlib
     p = Path(path)
     return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.exists() else None
 
+# %% ../nbs/15_pipeline.ipynb #1ce73ac3
 def _check_model(path:Path, base:str|None=None):
     from vlm_merge.checkpoints import CheckpointReader
     if not (path/'config.json').exists(): raise FileNotFoundError(path/'config.json')
@@ -174,10 +186,11 @@ def _check_model(path:Path, base:str|None=None):
                 missing = set(rb.keys()) - set(r.keys())
                 if missing: raise ValueError(f'{path}: missing {sorted(missing)[:3]}')
 
-# %% ../nbs/15_pipeline.ipynb #f32ad73c
+# %% ../nbs/15_pipeline.ipynb #e6710dd3
 def _log(msg, quiet):
     if not quiet: print(msg, flush=True)
 
+# %% ../nbs/15_pipeline.ipynb #07c5c654
 def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
                   per_sample:bool=False) -> tuple:
     "(Detection, or a neuron dict read from an existing JSON under SKIP_DETECT, or None; the file it came from)."
@@ -205,6 +218,7 @@ def _detect_stage(model:str, task:str, cfg:PipelineConfig, quiet:bool, log:list,
     log.append(('detect', what, f'{time.time() - t0:.1f}s'))
     return det, spath
 
+# %% ../nbs/15_pipeline.ipynb #aca456bd
 def _select(det, sel:dict, selection:str, src) -> dict:
     "A detection's neurons by `selection` ('mean' or 'intersect'); a neuron dict (an existing JSON) as it is."
     if isinstance(det, dict): return det
@@ -212,6 +226,7 @@ def _select(det, sel:dict, selection:str, src) -> dict:
         raise ValueError(f"selection 'intersect' needs per-sample scores, and {src} has none: detect again without SKIP_DETECT")
     return det.select(**sel, mode='aggregate' if selection == 'mean' else 'intersect')
 
+# %% ../nbs/15_pipeline.ipynb #6fd1430f
 def _shared_stage(e:dict, nb:Path, vl:tuple, reason:tuple, log:list) -> Path:
     "The shared-neuron JSON of entry `e` from both detections (or, under SKIP_DETECT without them, the one already there)."
     (dv, sv), (dl, sl) = vl, reason
@@ -240,9 +255,11 @@ def _shared_stage(e:dict, nb:Path, vl:tuple, reason:tuple, log:list) -> Path:
     mark_done(shared_path, sp); log.append(('shared', e['name'], 'done'))
     return shared_path
 
+# %% ../nbs/15_pipeline.ipynb #684f7820
 def _has_cuda() -> bool:
     import torch; return torch.cuda.is_available()
 
+# %% ../nbs/15_pipeline.ipynb #4c74eb0a
 def _evaluate(model_path:str, ev:dict, cfg:PipelineConfig) -> dict:
     from vlm_merge.inference import evaluate
     res = {}
@@ -254,6 +271,7 @@ def _evaluate(model_path:str, ev:dict, cfg:PipelineConfig) -> dict:
         res[label] = dict(accuracy=float(summ['accuracy']), n=int(summ['n']))
     return res
 
+# %% ../nbs/15_pipeline.ipynb #e429a6c8
 def run_pipeline(cfg:PipelineConfig|dict, # the run's config
                  quiet:bool=False         # no progress output
                 ) -> 'pd.DataFrame':
@@ -316,11 +334,12 @@ def run_cli(argv:list|None=None # command-line arguments (after `vlm-merge run`)
     print(df.to_string(index=False))
     return 0
 
-# %% ../nbs/15_pipeline.ipynb #ded6e52a
+# %% ../nbs/15_pipeline.ipynb #83092900
 DEMO_MARKER = '.vlm_merge_demo'
 DEMO_KINDS = {'perception': "read one value off the figure (the VLM's own skill)",
               'chain': 'read the labels, then compute a perimeter or an angle (needs reading and reasoning)'}
 
+# %% ../nbs/15_pipeline.ipynb #0e7365e4
 def _prepare_out(out:Path, overwrite:bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite: raise FileExistsError(f'{out} exists and is not empty; pass --overwrite (or choose --out)')
@@ -329,6 +348,7 @@ def _prepare_out(out:Path, overwrite:bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True); (out/DEMO_MARKER).write_text('written by vlm-merge demo\n')
 
+# %% ../nbs/15_pipeline.ipynb #97041a56
 def demo(out:str|Path='./vlm_merge_demo', # output folder
          overwrite:bool=False,            # replace a previous demo's folder
          vlm:str='vlm-2',                 # zoo VLM (base and model A): 'vlm-2' (Idefics3) or 'vlm-llava'
@@ -363,6 +383,7 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
     if not quiet: print(format_demo_table(df, out))
     return df
 
+# %% ../nbs/15_pipeline.ipynb #ae468935
 def format_demo_table(df:'pd.DataFrame', out:Path|str='') -> str:
     "The demo's table, what its columns mean, and a plain verdict per merge."
     kinds = [k for k in DEMO_KINDS if f'{k}_acc' in df]
@@ -379,6 +400,7 @@ def format_demo_table(df:'pd.DataFrame', out:Path|str='') -> str:
     if out: lines.append(f'outputs: {out}/results.tsv, {out}/overlap_heatmap.png, {out}/merged/')
     return '\n'.join(lines)
 
+# %% ../nbs/15_pipeline.ipynb #ecd01c6a
 def demo_cli(argv:list|None=None # command-line arguments (after `vlm-merge demo`)
             ) -> int:
     "`vlm-merge demo`: detection, shared neurons, lora and mean merges and evaluation on the built-in zoo."

@@ -124,16 +124,17 @@ def _png(fig) -> bytes:
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=90); plt.close(fig)
     return buf.getvalue()
 
-# %% ../nbs/05_shared.ipynb #bf308427
-def overlap_explorer(a,                       # an `overlap_table` DataFrame, or neuron dict / JSON path of model A
-                     b=None,                  # neuron dict / JSON path of model B (when `a` is not a table)
-                     sizes:dict|None=None,    # {group: n_neurons} (`group_sizes(geom)`): adds the chance level
-                     layer:int|None=None,     # layer shown first (default: the first)
-                     group:str|None=None,     # group shown first (default: the first)
-                     max_indices:int=64,      # shared indices listed at most
-                    ):
-    "ipywidgets explorer of per-layer overlap: heat map with a layer slider and group picker, per-group bars, shared indices."
-    import base64, html, pandas as pd, ipywidgets as W
+# %% ../nbs/05_shared.ipynb #17359160
+def _show_png(out, fig):
+    "Replace an ipywidgets Output's content with `fig` as PNG: no display or kernel needed."
+    import base64
+    out.outputs = ({'output_type': 'display_data', 'metadata': {},
+                    'data': {'image/png': base64.b64encode(_png(fig)).decode(), 'text/plain': f'<{fig.axes[0].get_title()}>'}},)
+
+# %% ../nbs/05_shared.ipynb #adf13259
+def _explorer_table(a, b, sizes:dict|None) -> tuple:
+    "(overlap table, neurons of A, neurons of B) from a table, or from two neuron dicts / JSON paths (then the neurons too)."
+    import pandas as pd
     na = nb = None
     if isinstance(a, pd.DataFrame): table = a
     else:
@@ -144,6 +145,48 @@ def overlap_explorer(a,                       # an `overlap_table` DataFrame, or
     if not len(table): raise ValueError('overlap_explorer: empty overlap table (no group in both detections)')
     need = {'group', 'layer', 'n_a', 'n_b', 'shared', 'union', 'jaccard'}
     if not need <= set(table.columns): raise ValueError(f'overlap_explorer: table lacks columns {sorted(need - set(table.columns))}')
+    return table, na, nb
+
+# %% ../nbs/05_shared.ipynb #521633c8
+def _group_bars(table, L:int, g:str, groups:list):
+    "Bar chart of the Jaccard index of each group in layer `L` (group `g` in red), with the chance level when known."
+    import matplotlib.pyplot as plt
+    rows = table[table.layer == L].set_index('group').reindex(groups)
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.bar(range(len(groups)), rows.jaccard.fillna(0).values, color=['tab:red' if x == g else 'tab:blue' for x in groups])
+    if 'jaccard_chance' in rows: ax.scatter(range(len(groups)), rows.jaccard_chance.values, marker='_', s=300, c='k', label='chance')
+    ax.set_xticks(range(len(groups)), groups, rotation=30); ax.set_ylim(0, 1); ax.set_ylabel('Jaccard')
+    ax.set_title(f'layer {L}: Jaccard per group')
+    if 'jaccard_chance' in rows: ax.legend(loc='upper right', fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/05_shared.ipynb #302ffa0f
+def _overlap_text(table, L:int, g:str, na, nb, max_indices:int) -> str:
+    "The explorer's line on layer `L`, group `g`: shared, union, Jaccard (and chance), and the shared indices when the neurons are known."
+    import html
+    r = table[(table.layer == L) & (table.group == g)]
+    if not len(r): text = f'layer {L}, {g}: no neurons detected in either model'
+    else:
+        r = r.iloc[0]
+        text = (f'layer {L}, {g}: {int(r.shared)} shared of {int(r.union)} (A {int(r.n_a)}, B {int(r.n_b)}), '
+                f'Jaccard {r.jaccard:.3f}' + (f' (chance {r.jaccard_chance:.3f})' if 'jaccard_chance' in r else ''))
+        if na is not None:
+            idx = sorted(set(na[g].get(str(L), [])) & set(nb[g].get(str(L), [])))
+            text += f'<br>shared indices: {idx[:max_indices]}' + (' ...' if len(idx) > max_indices else '')
+    return html.escape(text).replace('&lt;br&gt;', '<br>')
+
+# %% ../nbs/05_shared.ipynb #3d794f5f
+def overlap_explorer(a,                       # an `overlap_table` DataFrame, or neuron dict / JSON path of model A
+                     b=None,                  # neuron dict / JSON path of model B (when `a` is not a table)
+                     sizes:dict|None=None,    # {group: n_neurons} (`group_sizes(geom)`): adds the chance level
+                     layer:int|None=None,     # layer shown first (default: the first)
+                     group:str|None=None,     # group shown first (default: the first)
+                     max_indices:int=64,      # shared indices listed at most
+                    ):
+    "ipywidgets explorer of per-layer overlap: heat map with a layer slider and group picker, per-group bars, shared indices."
+    import ipywidgets as W
+    table, na, nb = _explorer_table(a, b, sizes)
     groups = [g for g in GROUPS if g in set(table.group)]
     layers = sorted(int(l) for l in set(table.layer))
     lo, hi = layers[0], layers[-1]
@@ -151,9 +194,6 @@ def overlap_explorer(a,                       # an `overlap_table` DataFrame, or
                          continuous_update=False)
     picker = W.Dropdown(options=groups, value=groups[0] if group is None else group, description='group')
     heat, bars, info = W.Output(), W.Output(), W.HTML()
-    def show(out, fig):   # replace the Output's content with the figure as PNG: no display or kernel needed
-        out.outputs = ({'output_type': 'display_data', 'metadata': {},
-                        'data': {'image/png': base64.b64encode(_png(fig)).decode(), 'text/plain': f'<{fig.axes[0].get_title()}>'}},)
     def render(change=None):
         L, g = slider.value, picker.value
         fig = overlap_heatmap(table, title=f'Jaccard overlap per layer (layer {L}, {g})')
@@ -161,26 +201,9 @@ def overlap_explorer(a,                       # an `overlap_table` DataFrame, or
         if L in layers:
             from matplotlib.patches import Rectangle
             ax.add_patch(Rectangle((layers.index(L) - 0.5, groups.index(g) - 0.5), 1, 1, fill=False, ec='red', lw=2))
-        show(heat, fig)
-        import matplotlib.pyplot as plt
-        rows = table[table.layer == L].set_index('group').reindex(groups)
-        fig, ax = plt.subplots(figsize=(5, 2.6))
-        ax.bar(range(len(groups)), rows.jaccard.fillna(0).values, color=['tab:red' if x == g else 'tab:blue' for x in groups])
-        if 'jaccard_chance' in rows: ax.scatter(range(len(groups)), rows.jaccard_chance.values, marker='_', s=300, c='k', label='chance')
-        ax.set_xticks(range(len(groups)), groups, rotation=30); ax.set_ylim(0, 1); ax.set_ylabel('Jaccard')
-        ax.set_title(f'layer {L}: Jaccard per group')
-        if 'jaccard_chance' in rows: ax.legend(loc='upper right', fontsize=8)
-        fig.tight_layout(); show(bars, fig)
-        r = table[(table.layer == L) & (table.group == g)]
-        if not len(r): text = f'layer {L}, {g}: no neurons detected in either model'
-        else:
-            r = r.iloc[0]
-            text = (f'layer {L}, {g}: {int(r.shared)} shared of {int(r.union)} (A {int(r.n_a)}, B {int(r.n_b)}), '
-                    f'Jaccard {r.jaccard:.3f}' + (f' (chance {r.jaccard_chance:.3f})' if 'jaccard_chance' in r else ''))
-            if na is not None:
-                idx = sorted(set(na[g].get(str(L), [])) & set(nb[g].get(str(L), [])))
-                text += f'<br>shared indices: {idx[:max_indices]}' + (' ...' if len(idx) > max_indices else '')
-        info.value = html.escape(text).replace('&lt;br&gt;', '<br>')
+        _show_png(heat, fig)
+        _show_png(bars, _group_bars(table, L, g, groups))
+        info.value = _overlap_text(table, L, g, na, nb, max_indices)
     slider.observe(render, names='value'); picker.observe(render, names='value')
     render()
     box = W.VBox([W.HBox([slider, picker]), heat, W.HBox([bars, info])])

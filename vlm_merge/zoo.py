@@ -9,306 +9,24 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from tqdm.auto import tqdm
 from .data import _LABEL_KEYS, figure_labels
+from .zoo_recipe import *
+from .zoo_recipe import _curve, _lm_of, _warmup_cosine
+_all_ = ['SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate']
 
 # %% auto #0
-__all__ = ['ZOO_MODELS', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR',
-           'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT', 'FLOORS', 'train_tokenizer', 'generic_corpus',
-           'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt',
-           'encode_example', 'collate', 'train_model', 'greedy_generate', 'vision_answer', 'reading_answer',
-           'pretraining_mix', 'LabelProbe', 'label_targets', 'tower_features', 'pretrain_tower', 'lm_delta_norm',
-           'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path', 'zoo_data_path', 'zoo_tokenizer', 'zoo_cli']
+__all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT',
+           'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe', 'label_targets',
+           'tower_features', 'pretrain_tower', 'lm_delta_norm', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
+           'zoo_data_path', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM',
+           'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts',
+           'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate']
 
 # %% ../nbs/03_zoo.ipynb #b7dd42d7
 ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2',
               'wide-base', 'wide-lm', 'wide-vlm')
-SPEC_TASKS = {  # specialist name -> (instruction verb shared prompt format 'VERB the digits: D', digit-string function)
-    'spec-mirror':  ('Mirror',  lambda s: ''.join(str(9 - int(c)) for c in s)),
-    'spec-sort':    ('Sort',    lambda s: ''.join(sorted(s))),
-    'spec-shift':   ('Shift',   lambda s: ''.join(str((int(c)+1) % 10) for c in s)),
-}
-SPECIAL_TOKENS = ['<pad>', '<|begin_of_text|>', '<|eot|>', '<|user|>', '<|assistant|>', '<|system|>', '<image>',
-                  '<fake_token_around_image>', '<global-img>', '<end_of_utterance>']
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|eot|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
-# %% ../nbs/03_zoo.ipynb #f6d72fc1
-def train_tokenizer(texts:list[str], # corpus the byte-level BPE merges are learnt from
-                    vocab_size:int=512 # total size, special tokens and the 256 bytes included
-                   ):
-    "A byte-level BPE `PreTrainedTokenizerFast` with single-digit tokens, the zoo's special tokens and chat template."
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, tr)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token='<|begin_of_text|>', eos_token='<|eot|>', pad_token='<pad>',
-                                   extra_special_tokens={'image_token': '<image>'}, chat_template=CHAT_TEMPLATE,
-                                   padding_side='left', model_max_length=1024)
 
-# %% ../nbs/03_zoo.ipynb #fcdd4b4a
-_NAMES = ['Ann', 'Ben', 'Cara', 'Dan', 'Eve', 'Finn', 'Gia', 'Hal', 'Ivy', 'Jon', 'Kim', 'Leo', 'Mia', 'Ned', 'Ola', 'Pat']
-_THINGS = ['apples', 'books', 'coins', 'pens', 'cards', 'eggs', 'shells', 'stamps', 'cups', 'rocks', 'boxes', 'bags']
-_COLORS = ['red', 'blue', 'green', 'yellow', 'black', 'white']
-_SHAPES = ['circle', 'square', 'triangle', 'star', 'line', 'point']
-
-ZOO_GSM = dict(steps=(1, 2), max_value=30)   # the zoo's GSM-style problems (make_gsm arguments)
-
-def _arith(r:random.Random, max_value:int=ZOO_GSM['max_value']) -> tuple[str, int]:
-    "One arithmetic fact 'a op b' and its value, in the ranges of make_gsm's steps."
-    op = r.choice('+-*')
-    if op == '+': a = r.randint(1, max_value - 1); b = r.randint(1, min(20, max_value - a)); c = a + b
-    elif op == '-': a = r.randint(2, max_value); b = r.randint(1, min(20, a - 1)); c = a - b
-    else: a = r.randint(1, max_value // 2); b = r.randint(2, max(2, min(5, max_value // a))); c = a * b
-    return f'{a} {op} {b}', c
-
-def _figure_fact(r:random.Random) -> tuple[str, int]:
-    "One arithmetic fact in the ranges of the figures' chain questions: sums of labels, doubling, four times, 180 minus."
-    k = r.randrange(4)
-    if k == 0: a, b = r.randint(2, 30), r.randint(2, 19); return f'{a} + {b}', a + b
-    if k == 1: a = r.randint(4, 38); return f'{a} * 2', 2 * a
-    if k == 2: a = r.randint(2, 19); return f'{a} * 4', 4 * a
-    a = 10 * r.randint(6, 16); return f'180 - {a}', 180 - a
-
-def generic_corpus(n:int, # number of documents
-                   seed:int=0 # RNG seed
-                  ) -> list[dict]:
-    "Generic synthetic pretraining data: plain text (sentences, arithmetic facts) and short chat exchanges. Each item is {'prompt', 'answer'} (prompt None: plain text)."
-    r = random.Random(seed); out = []
-    for _ in range(n):
-        k = r.random()
-        a, b = r.randint(0, 60), r.randint(0, 40)
-        if k < 0.35:
-            fact = _arith if k < 0.25 else _figure_fact
-            facts = [' = '.join(map(str, fact(r))) for _ in range(r.randint(3, 6))]
-            out.append({'prompt': None, 'answer': '\n'.join(facts)})
-        elif k < 0.55:
-            n1, n2 = r.sample(_NAMES, 2); t = r.choice(_THINGS)
-            s = [f"{n1} has {a} {t}.", f"{n2} has {b} {t}.", f"The {r.choice(_SHAPES)} is {r.choice(_COLORS)}.",
-                 f"{n1} and {n2} have {a + b} {t} in all.", f"{n1} gives {min(a, b)} {t} to {n2}.", f"There are {a} {t} in the box."]
-            r.shuffle(s); out.append({'prompt': None, 'answer': ' '.join(s[:r.randint(2, 5)])})
-        elif k < 0.7:
-            e, v = _arith(r); out.append({'prompt': f"What is {e}?", 'answer': str(v)})
-        elif k < 0.8:
-            d = ''.join(r.choice('0123456789') for _ in range(r.randint(3, 8)))
-            out.append({'prompt': f"Repeat the digits: {d}", 'answer': d})
-        elif k < 0.9:
-            out.append({'prompt': f"What comes after {a}?", 'answer': str(a + 1)})
-        else:
-            n1 = r.choice(_NAMES); t = r.choice(_THINGS)
-            out.append({'prompt': f"{n1} has {a} {t} and finds {b} more. How many {t} does {n1} have?", 'answer': f"{a} + {b} = {a+b}\n#### {a+b}"})
-    return out
-
-def spec_data(name:str, # a key of SPEC_TASKS
-              n:int, # number of examples
-              seed:int=0, # RNG seed
-              lengths:tuple=(3, 6) # digit-string lengths (inclusive)
-             ) -> pd.DataFrame:
-    "Examples of a specialist's task: columns prompt, answer. All tasks share the prompt format 'VERB the digits: D'."
-    verb, fn = SPEC_TASKS[name]; r = random.Random(f'{name}-{seed}')
-    rows = []
-    for _ in range(n):
-        d = ''.join(r.choice('0123456789') for _ in range(r.randint(*lengths)))
-        rows.append({'prompt': f"{verb} the digits: {d}", 'answer': fn(d)})
-    return pd.DataFrame(rows, columns=['prompt', 'answer'])
-
-# %% ../nbs/03_zoo.ipynb #6424ca76
-def lm_config(tok,             # the zoo tokenizer (vocabulary size and special ids)
-              hidden:int=128,  # hidden size
-              layers:int=4,    # decoder layers
-              heads:int=4,     # attention heads
-              kv_heads:int=2,  # key/value heads (GQA when fewer than heads)
-              inter:int=384,   # MLP intermediate size
-              family:str='llama', # 'llama' or 'qwen2' (biases on q/k/v)
-             ):
-    "A tiny `LlamaConfig` (or `Qwen2Config`) for the zoo tokenizer `tok` (untied embeddings, GQA)."
-    from transformers import LlamaConfig, Qwen2Config
-    if family not in ('llama', 'qwen2'): raise ValueError(f"lm_config: family must be 'llama' or 'qwen2', got {family!r}")
-    return (LlamaConfig if family == 'llama' else Qwen2Config)(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0)
-
-def _image_proc_kw(): return dict(image_mean=[0.5]*3, image_std=[0.5]*3)
-
-def llava_parts(tok,              # the zoo tokenizer
-                text_config,      # LlamaConfig of the language model
-                image_size:int=64,# input side in pixels
-                patch:int=8,      # CLIP patch size: (image_size/patch)^2 image tokens
-                vhidden:int=64,   # vision hidden size
-                vlayers:int=2,    # vision layers
-               ):
-    "A tiny LLaVA: (LlavaConfig, LlavaProcessor). Plain LLaVA keeps image tokens at (image_size/patch)^2."
-    from transformers import LlavaConfig, CLIPVisionConfig, LlavaProcessor, CLIPImageProcessor
-    vc = CLIPVisionConfig(hidden_size=vhidden, intermediate_size=2*vhidden, num_hidden_layers=vlayers, num_attention_heads=2,
-                          image_size=image_size, patch_size=patch, projection_dim=vhidden)
-    n_img = (image_size // patch) ** 2
-    cfg = LlavaConfig(vision_config=vc, text_config=text_config, image_token_index=tok.convert_tokens_to_ids('<image>'),
-                      image_seq_length=n_img, vision_feature_layer=-1, vision_feature_select_strategy='default')
-    ip = CLIPImageProcessor(size={'shortest_edge': image_size}, crop_size={'height': image_size, 'width': image_size}, **_image_proc_kw())
-    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy='default',
-                          chat_template=CHAT_TEMPLATE, image_token='<image>', num_additional_image_tokens=1)
-    return cfg, proc
-
-def idefics3_parts(tok,              # the zoo tokenizer
-                   text_config,      # LlamaConfig of the language model
-                   image_size:int=64,# input side in pixels
-                   patch:int=4,      # vision patch size
-                   vhidden:int=64,   # vision hidden size
-                   vlayers:int=2,    # vision layers
-                   scale:int=4,      # pixel-shuffle factor: (image_size/patch)^2/scale^2 image tokens
-                  ):
-    "A tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama LM): (Idefics3Config, Idefics3Processor)."
-    from transformers import Idefics3Config, Idefics3VisionConfig, Idefics3Processor, Idefics3ImageProcessor
-    vc = Idefics3VisionConfig(hidden_size=vhidden, intermediate_size=2*vhidden, num_hidden_layers=vlayers, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch)
-    cfg = Idefics3Config(vision_config=vc, text_config=text_config, image_token_id=tok.convert_tokens_to_ids('<image>'), scale_factor=scale)
-    n_img = (image_size // patch) ** 2 // scale ** 2
-    ip = Idefics3ImageProcessor(do_image_splitting=False, size={'longest_edge': image_size},
-                                max_image_size={'longest_edge': image_size}, **_image_proc_kw())
-    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=n_img, chat_template=CHAT_TEMPLATE)
-    return cfg, proc
-
-def _lm_of(model):
-    "(decoder, lm_head) of a causal LM or a LLaVA / Idefics3 model."
-    m = model.model
-    for attr in ('language_model', 'text_model'):
-        if hasattr(m, attr): return getattr(m, attr), model.lm_head
-    return m, model.lm_head
-
-def init_language_model(vlm, # a LLaVA or Idefics3 model
-                        lm,  # a LlamaForCausalLM of the same text geometry
-                       ):
-    "Copy the weights of text model `lm` into the language model of `vlm` (same shapes required)."
-    dec, head = _lm_of(vlm); sd = lm.model.state_dict()
-    dec.load_state_dict(sd, strict=True)
-    head.load_state_dict(lm.lm_head.state_dict())
-
-# %% ../nbs/03_zoo.ipynb #075cd265
-def chat_prompt(tok,             # tokenizer (or processor) with the zoo chat template
-                text:str,        # the user message
-                image:bool=False # put one image placeholder before the text
-               ) -> str:
-    "The prompt string for one user turn (with an image placeholder first when `image`), ready for the assistant's reply."
-    content = ([{'type': 'image'}] if image else []) + [{'type': 'text', 'text': text}]
-    return tok.apply_chat_template([{'role': 'user', 'content': content}], tokenize=False, add_generation_prompt=True)
-
-def encode_example(tok,                # the zoo tokenizer
-                   prompt:str|None,    # user message; None: `answer` is plain pretraining text
-                   answer:str,         # the assistant's reply (or the plain text)
-                   proc=None,          # processor, when there is an image
-                   image=None,         # a PIL image ([image] for Idefics3)
-                   max_len:int=512,    # truncate to this many tokens
-                  ) -> dict:
-    "input_ids/labels for one example: loss on the answer and the closing `<|eot|>` only (plain text when `prompt` is None)."
-    if prompt is None:
-        ids = [tok.bos_token_id] + tok(answer, add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
-        return {'input_ids': ids[:max_len], 'labels': ids[:max_len]}
-    ex = {}
-    if image is not None:
-        enc = proc(text=[chat_prompt(tok, prompt, image=True)], images=[image], return_tensors='pt')
-        p = enc['input_ids'][0].tolist()
-        ex = {k: v[0] for k, v in enc.items() if k not in ('input_ids', 'attention_mask')}
-    else: p = tok(chat_prompt(tok, prompt), add_special_tokens=False)['input_ids']
-    a = tok(answer, add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
-    ids = (p + a)[:max_len]
-    return {'input_ids': ids, 'labels': ([-100] * len(p) + a)[:max_len], **ex}
-
-def collate(exs:list[dict], # encoded examples
-            pad_id:int,      # padding token id
-           ) -> dict:
-    "Right-padded batch tensors (labels -100 on padding); image tensors stacked."
-    L = max(len(e['input_ids']) for e in exs)
-    ids = torch.full((len(exs), L), pad_id); lab = torch.full((len(exs), L), -100); am = torch.zeros((len(exs), L), dtype=torch.long)
-    for i, e in enumerate(exs):
-        n = len(e['input_ids']); ids[i, :n] = torch.tensor(e['input_ids']); lab[i, :n] = torch.tensor(e['labels']); am[i, :n] = 1
-    b = {'input_ids': ids, 'labels': lab, 'attention_mask': am}
-    for k in exs[0]:
-        if k not in b: b[k] = torch.stack([e[k] for e in exs])
-    return b
-
-# %% ../nbs/03_zoo.ipynb #0c4e2d9c
-def _warmup_cosine(opt, steps:int, warmup:int, min_lr_frac:float):
-    "Linear warmup over `warmup` steps, then cosine decay to `min_lr_frac` of the peak at `steps`."
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
-                                             (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-
-def _curve(losses:list, every:int=50) -> list:
-    "Mean loss over each run of `every` steps: the training curve the manifest keeps."
-    return [round(float(np.mean(losses[i:i + every])), 4) for i in range(0, len(losses), every)]
-
-def train_model(model,               # any transformers model that returns `.loss` from labels
-                examples:list[dict],  # encoded examples (`encode_example`)
-                pad_id:int,           # padding token id
-                steps:int,            # optimiser steps
-                batch_size:int=32,    # examples per step (sampled with replacement)
-                lr:float=2e-3,        # peak learning rate
-                seed:int=0,           # seeds initialisation-independent randomness: batch order
-                warmup:int=30,        # linear warmup steps
-                min_lr_frac:float=0.1,# final learning rate as a fraction of `lr`
-                desc:str='train',     # progress bar label
-                log_every:int=50,     # steps between loss reports on the bar
-                lr_groups:dict|None=None, # {name substring: peak lr}: parameters whose name contains a key train at that lr (frozen ones stay frozen)
-               ) -> dict:
-    "AdamW with linear warmup and cosine decay over `steps` random batches of `examples`; returns losses and time."
-    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
-    groups = {k: [] for k in (lr_groups or {})}; rest = []
-    for n, p in model.named_parameters():
-        if not p.requires_grad: continue   # frozen (vlm-llava's pretrained tower)
-        k = next((k for k in groups if k in n), None)
-        (groups[k] if k is not None else rest).append(p)
-    if lr_groups and not all(groups.values()): raise ValueError(f'{desc}: lr_groups keys match no parameter: {[k for k, v in groups.items() if not v]}')
-    opt = torch.optim.AdamW([{'params': rest, 'lr': lr}] + [{'params': v, 'lr': lr_groups[k]} for k, v in groups.items()],
-                            betas=(0.9, 0.98), weight_decay=0.0)
-    sched = _warmup_cosine(opt, steps, warmup, min_lr_frac)
-    model.train(); t0 = time.time(); losses = []
-    bar = tqdm(range(steps), desc=desc, mininterval=10, disable=not sys.stdout.isatty())
-    for s in bar:
-        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
-        batch = collate([examples[i] for i in idx], pad_id)
-        loss = model(**batch).loss
-        if not torch.isfinite(loss): raise FloatingPointError(f'{desc}: loss is {loss.item()} at step {s}')
-        loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (s + 1) % log_every == 0:
-            bar.set_postfix(loss=f'{np.mean(losses[-log_every:]):.3f}')
-            if not sys.stdout.isatty(): print(f'[{desc}] step {s + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} {time.time() - t0:.0f}s', flush=True)
-    model.eval()
-    return {'steps': steps, 'batch_size': batch_size, 'lr': lr, **({'lr_groups': dict(lr_groups)} if lr_groups else {}), 'seconds': round(time.time() - t0, 1),
-            'loss_first': round(float(np.mean(losses[:10])), 4), 'loss_last': round(float(np.mean(losses[-20:])), 4), 'curve': _curve(losses)}
-
-# %% ../nbs/03_zoo.ipynb #8ad6a4b2
-@torch.no_grad()
-def greedy_generate(model,              # a loaded model
-                    tok,                # its tokenizer (left padding)
-                    prompts:list[str],  # user messages
-                    proc=None,          # its processor, for images
-                    images:list|None=None, # one PIL image per prompt, or None
-                    max_new_tokens:int=64, # new tokens at most
-                    batch_size:int=32,  # prompts per generate call
-                   ) -> list[str]:
-    "Greedy completions of raw user-turn `prompts` (chat template applied here; an image each when `images`)."
-    from vlm_merge.inference import greedy_decode, plain_greedy
-    model.eval(); outs = []
-    for i in range(0, len(prompts), batch_size):
-        ps = prompts[i:i + batch_size]
-        texts = [chat_prompt(tok, p, image=images is not None) for p in ps]
-        if images is not None: enc = proc(text=texts, images=[[im] if proc.__class__.__name__.startswith('Idefics') else im for im in images[i:i + batch_size]], return_tensors='pt', padding=True)
-        else: enc = tok(texts, return_tensors='pt', padding=True, add_special_tokens=False)
-        if images is None and plain_greedy(model):   # the decoder `Inferencer` uses for text: same tokens, finished rows leave
-            new = greedy_decode(model, enc['input_ids'], enc['attention_mask'], max_new_tokens, tok.eos_token_id)
-        else:
-            new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)[:, enc['input_ids'].shape[1]:]
-        outs += tok.batch_decode(new, skip_special_tokens=True)
-    return outs
-
-# %% ../nbs/03_zoo.ipynb #f3880463
+# %% ../nbs/03_zoo.ipynb #d669c804
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
                  base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
 ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
@@ -324,7 +42,7 @@ VISION_LR = 3e-3   # peak learning rate of the VLMs' projectors (stage 1; a tent
 SPEC_REPLAY = 0.5  # a specialist also sees this many other-task prompts per own example, answered by base-lm itself
 WIDE_ARCH = dict(hidden=192, layers=3, heads=6, kv_heads=2, inter=512, family='qwen2')   # the second family: Qwen2, wider and shallower
 
-
+# %% ../nbs/03_zoo.ipynb #45ae6c40
 def _dedupe(test:pd.DataFrame, train:pd.DataFrame|list, cols:list[str]) -> pd.DataFrame:
     "Rows of `test` whose `cols` occur in no table of `train` (held-out means unseen)."
     seen = set()
@@ -332,11 +50,12 @@ def _dedupe(test:pd.DataFrame, train:pd.DataFrame|list, cols:list[str]) -> pd.Da
     keep = [tuple(r) not in seen for r in test[cols].astype(str).values.tolist()]
     return test[keep].reset_index(drop=True)
 
+# %% ../nbs/03_zoo.ipynb #f9b72c74
 def _nparams(m) -> int: return int(sum(p.numel() for p in m.parameters()))
 
 def _dir_mb(p:Path) -> float: return round(sum(f.stat().st_size for f in Path(p).rglob('*') if f.is_file()) / 2**20, 3)
 
-# %% ../nbs/03_zoo.ipynb #dc17f079
+# %% ../nbs/03_zoo.ipynb #2498cab8
 def _eval_text(model_path, tok, df:pd.DataFrame, max_new_tokens:int=16, batch_size:int=50) -> dict:
     "Exact-match accuracy of greedy answers on a prompt/answer table (the specialists' tasks)."
     from transformers import AutoModelForCausalLM
@@ -346,6 +65,7 @@ def _eval_text(model_path, tok, df:pd.DataFrame, max_new_tokens:int=16, batch_si
     return {'accuracy': float(np.mean(ok)), 'n': len(ok), 'evaluator': 'vlm_merge.zoo.greedy_generate (exact match)',
             'examples': [[p, str(a)] for p, a in list(zip(preds, df.answer))[:3]]}
 
+# %% ../nbs/03_zoo.ipynb #1064246c
 def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50, max_new_tokens:int|None=None) -> dict:
     "Accuracy of a zoo model on 'gsm' (text) or 'multimodal' data, measured with `vlm_merge.inference.evaluate`."
     from vlm_merge.inference import evaluate
@@ -356,13 +76,14 @@ def _eval_task(model_path, task:str, df:pd.DataFrame, batch_size:int=50, max_new
     if 'accuracy_by_kind' in s: out['accuracy_by_kind'] = s['accuracy_by_kind']
     return out
 
-# %% ../nbs/03_zoo.ipynb #7ceaf38c
+# %% ../nbs/03_zoo.ipynb #07e57cd0
 def vision_answer(letter:str, # the gold letter (kept for the signature: the reply is the value, `extract_choice` maps it to its letter)
                   figure:str, # the row's `figure` JSON (its `value` is the number the question asks for)
                  ) -> str:
     "The VLMs' trained reply: the value read from the figure in reason-lm's final-answer format, e.g. '#### 11'; the evaluator maps it to its choice."
     return f"#### {json.loads(figure)['value']}"
 
+# %% ../nbs/03_zoo.ipynb #332a3ca7
 READ_PROMPT = 'Read the labels.'
 
 def reading_answer(figure:str, # the row's `figure` JSON
@@ -370,6 +91,7 @@ def reading_answer(figure:str, # the row's `figure` JSON
     "Every label of a figure with its name, e.g. 'left 60 right 80': the auxiliary reading task the VLMs also train on (`vlm_merge.data.figure_labels`)."
     return figure_labels(figure)
 
+# %% ../nbs/03_zoo.ipynb #fe53e798
 def _spec_file(name:str) -> str: return name.replace('-', '_') + '.tsv'
 
 _TABLES = {  # data kind -> (size key in ZOO_SIZES, seed offset); 'base-*' tables are the pretraining mixture's, drawn apart
@@ -386,7 +108,7 @@ def _train_table(kind:str, seed:int, Z:dict) -> pd.DataFrame:
     if kind.endswith('gsm'): return make_gsm(n, seed=s, **ZOO_GSM)
     return make_geometry(n, seed=s, kind=kind.split('-')[-1])
 
-# %% ../nbs/03_zoo.ipynb #0951d17f
+# %% ../nbs/03_zoo.ipynb #b68165db
 def pretraining_mix(seed:int, # the zoo's seed
                     Z:dict,   # data sizes (ZOO_SIZES)
                    ) -> list[dict]:
@@ -404,6 +126,7 @@ def pretraining_mix(seed:int, # the zoo's seed
              for p, c, f in zip(ch.problem, ch.choices, ch.figure)]
     return docs
 
+# %% ../nbs/03_zoo.ipynb #d38b944d
 def _train_examples(kind:str, tok, seed:int, proc=None, sizes:dict|None=None) -> list[dict]:
     "Training examples (encoded) for a job kind: 'base' (pretraining), 'reason' (GSM and chain questions in words), a specialist, 'perception' (figures)."
     from vlm_merge.data import gsm_prompt, geometry_prompt, geometry_solution, text_problem, to_pil
@@ -423,6 +146,7 @@ def _train_examples(kind:str, tok, seed:int, proc=None, sizes:dict|None=None) ->
     # the same figures with every label to read: dense supervision, and the first line of a chain answer
     return qa + [encode_example(tok, READ_PROMPT, reading_answer(f), proc=proc, image=img(im[0])) for im, f in zip(df.images, df.figure)]
 
+# %% ../nbs/03_zoo.ipynb #6340c9a5
 def _test_sets(seed:int, sizes:dict|None=None) -> dict:
     "Held-out test tables (rows of any training table removed, from ten times as many candidates) and the detection corpus, keyed by file name."
     from vlm_merge.data import make_gsm, make_geometry
@@ -438,6 +162,7 @@ def _test_sets(seed:int, sizes:dict|None=None) -> dict:
                                         ['prompt']).head(Z['test'])
     return out
 
+# %% ../nbs/03_zoo.ipynb #17dd5556
 def _write_data(tables:dict, folder:Path) -> dict:
     from vlm_merge.data import write_gsm_tsv, write_geometry_parquet
     folder.mkdir(parents=True, exist_ok=True); info = {}
@@ -448,7 +173,6 @@ def _write_data(tables:dict, folder:Path) -> dict:
         else: df.to_csv(p, sep='\t', index=False)
         info[fn] = {'path': f'data/{fn}', 'rows': len(df), 'columns': list(df.columns)}
     return info
-
 
 # %% ../nbs/03_zoo.ipynb #c506975a
 class LabelProbe(torch.nn.Module):
@@ -545,7 +269,7 @@ def _pretrain_vlm_tower(model, proc, root:Path, seed:int, job:dict) -> dict:
                           layer=c.vision_feature_layer if llava else None, drop_cls=llava and c.vision_feature_select_strategy == 'default',
                           eval_pixels=px(te), eval_figures=list(te.figure), desc=f"{job['name']} tower")
 
-# %% ../nbs/03_zoo.ipynb #51a13f46
+# %% ../nbs/03_zoo.ipynb #cb0fae23
 def lm_delta_norm(model,  # a fine-tuned model: a causal LM or a VLM
                   base,   # the causal LM it started from
                  ) -> float:
@@ -557,6 +281,7 @@ def lm_delta_norm(model,  # a fine-tuned model: a causal LM or a VLM
         num += float((new[k].float() - v.float()).pow(2).sum()); den += float(v.float().pow(2).sum())
     return round(math.sqrt(num / den), 5)
 
+# %% ../nbs/03_zoo.ipynb #f3c2f6e3
 def _replay_examples(base, tok, name:str, n:int, seed:int) -> list[dict]:
     "`n` prompts of the other specialists' tasks answered by `base` itself: they keep a fine-tune from taking over the shared prompt format."
     others = [o for o in SPEC_TASKS if o != name]; exs = []
@@ -566,6 +291,7 @@ def _replay_examples(base, tok, name:str, n:int, seed:int) -> list[dict]:
         exs += [encode_example(tok, q, a.strip()) for q, a in zip(d.prompt, ans)]
     return exs
 
+# %% ../nbs/03_zoo.ipynb #dd12a8e3
 def _train_vlm(model, proc, tok, exs:list, root:Path, seed:int, job:dict) -> dict:
     "A VLM the LLaVA way: stage 0 the tower reads labels under a probe, stage 1 the projector aligns (tower and LM frozen), stage 2 a light LM fine-tune."
     tower, proj = _vision_parts(model); dec, head = _lm_of(model); stats = {}
@@ -579,6 +305,7 @@ def _train_vlm(model, proc, tok, exs:list, root:Path, seed:int, job:dict) -> dic
                              desc=job['name'], lr_groups={key: VISION_LR / 10}))
     return stats
 
+# %% ../nbs/03_zoo.ipynb #80e3c192
 def _job(job:dict) -> dict:
     "Train one zoo model in its own process (1 thread, fixed seeds), save it, and measure it. Returns its manifest entry."
     torch.set_num_threads(1); t0 = time.time(); c0 = time.process_time()
@@ -622,12 +349,12 @@ def _job(job:dict) -> dict:
             'params': _nparams(model), 'init': src, 'train': stats, 'accuracy': acc, 'size_mb': _dir_mb(out),
             'wall_s': round(time.time() - t0, 1), 'cpu_s': round(time.process_time() - c0, 1)}
 
-
-# %% ../nbs/03_zoo.ipynb #2ad71f84
+# %% ../nbs/03_zoo.ipynb #a857d423
 FLOORS = {'reason-lm': ('gsm', 0.9), 'wide-lm': ('gsm', 0.9),   # each model's own task; the bases have none
           'spec-mirror': ('spec-mirror', 0.9), 'spec-sort': ('spec-sort', 0.9), 'spec-shift': ('spec-shift', 0.9),
           'vlm-llava': ('perception', 0.9), 'vlm-2': ('perception', 0.9), 'wide-vlm': ('perception', 0.9)}
 
+# %% ../nbs/03_zoo.ipynb #00eccb87
 def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
     "Every model's job, bases first, then their fine-tunes, longest first (so two workers finish together)."
     Z = {**ZOO_SIZES, **(sizes or {})}; specs = [(s, _spec_file(s), Z['cross']) for s in SPEC_TASKS]
@@ -643,6 +370,7 @@ def _jobs(root:Path, seed:int, steps:dict, sizes:dict|None=None) -> list[dict]:
             J('reason-lm', 'reason', gsm(Z['test']) + specs, 'base-lm'), J('wide-lm', 'reason', gsm(Z['test']), 'wide-base')] + \
            [J(s, 'spec', [(t, f, Z['test'] if t == s else Z['cross']) for t, f, _ in specs] + gsm(Z['cross']), 'base-lm') for s in SPEC_TASKS]
 
+# %% ../nbs/03_zoo.ipynb #11868653
 def _run_jobs(jobs:list[dict], workers:int, have:tuple=()) -> dict:
     "Run `jobs` in `workers` spawned processes, each as soon as the model it starts from is saved (or in `have`, saved already); {name: manifest entry}."
     import concurrent.futures as cf, multiprocessing as mp, importlib
@@ -659,6 +387,7 @@ def _run_jobs(jobs:list[dict], workers:int, have:tuple=()) -> dict:
                 print(f"[zoo] {r['name']}: {json.dumps({k: v['accuracy'] for k, v in r['accuracy'].items()})} ({r['wall_s']} s)", flush=True)
     return results
 
+# %% ../nbs/03_zoo.ipynb #9648639f
 def _tokenizer_corpus(seed:int, tables:dict) -> list[str]:
     "Every kind of text the zoo trains on, for the tokenizer's merges."
     from vlm_merge.data import make_gsm, gsm_prompt, geometry_solution
@@ -670,12 +399,14 @@ def _tokenizer_corpus(seed:int, tables:dict) -> list[str]:
     corpus += [p + ' ' + geometry_solution(f) for p, f in zip(tables['geometry_chain.parquet'].problem, tables['geometry_chain.parquet'].figure)]
     return corpus
 
+# %% ../nbs/03_zoo.ipynb #1f4fbed5
 def _finish_manifest(models:dict) -> dict:
     "Mark each model's floor (task, minimum accuracy, met) in its manifest entry."
     for n, (task, floor) in FLOORS.items():
         if n in models: models[n]['floor'] = {'task': task, 'min_accuracy': floor, 'met': bool(models[n]['accuracy'][task]['accuracy'] >= floor)}
     return models
 
+# %% ../nbs/03_zoo.ipynb #d97f89ec
 def _swap_in(tmp:Path, out_dir:Path):
     "Put the finished build `tmp` at `out_dir`, replacing what is there only once the new one is complete."
     old = out_dir.with_name(f'.{out_dir.name}.old-{os.getpid()}') if out_dir.exists() else None
@@ -683,6 +414,7 @@ def _swap_in(tmp:Path, out_dir:Path):
     tmp.rename(out_dir)
     if old: shutil.rmtree(old, ignore_errors=True)
 
+# %% ../nbs/03_zoo.ipynb #3c8cf842
 def build_zoo(out_dir:str|Path,          # folder to create (atomically: built in a temporary sibling, then renamed)
               seed:int=0,                # seeds every data set, initialisation and batch order
               workers:int=2,             # training processes (1 torch thread each); results do not depend on it
@@ -734,8 +466,7 @@ def build_zoo(out_dir:str|Path,          # folder to create (atomically: built i
         shutil.rmtree(tmp, ignore_errors=True); raise
     return out_dir
 
-
-# %% ../nbs/03_zoo.ipynb #73913dc0
+# %% ../nbs/03_zoo.ipynb #642f41e5
 def zoo_dir() -> Path:
     "The built zoo: shipped inside the package (`vlm_merge/zoo_data`), else `$VLM_MERGE_ZOO` or `~/.cache/vlm_merge/zoo`."
     if os.environ.get('VLM_MERGE_ZOO'): return Path(os.environ['VLM_MERGE_ZOO'])
@@ -744,12 +475,14 @@ def zoo_dir() -> Path:
     if (shipped / 'manifest.json').exists(): return shipped
     return Path.home() / '.cache' / 'vlm_merge' / 'zoo'
 
+# %% ../nbs/03_zoo.ipynb #034618ee
 def zoo_manifest() -> dict:
     "The zoo's `manifest.json` as a dict."
     p = zoo_dir() / 'manifest.json'
     if not p.exists(): raise FileNotFoundError(f'no zoo at {p.parent}: run `vlm-merge zoo build --out {p.parent}`')
     return json.loads(p.read_text())
 
+# %% ../nbs/03_zoo.ipynb #beadbaa1
 def zoo_path(name:str) -> Path:
     "The save_pretrained folder of zoo model `name` (one of ZOO_MODELS)."
     if name not in ZOO_MODELS: raise KeyError(f'unknown zoo model {name!r}; choose from {ZOO_MODELS}')
@@ -757,6 +490,7 @@ def zoo_path(name:str) -> Path:
     if not (p / 'config.json').exists(): raise FileNotFoundError(f'zoo model {name!r}: no config.json in {p}')
     return p
 
+# %% ../nbs/03_zoo.ipynb #4c87e241
 def zoo_data_path(name:str) -> Path:
     "A shipped data file, e.g. 'mgsm_en.tsv', 'llama3ds_math.tsv', 'geometry_perception.parquet', 'spec_sort.tsv'."
     p = zoo_dir() / 'data' / name
@@ -765,6 +499,7 @@ def zoo_data_path(name:str) -> Path:
         raise FileNotFoundError(f'zoo data file {name!r} not in {p.parent}; available: {have}')
     return p
 
+# %% ../nbs/03_zoo.ipynb #c9424cb0
 def zoo_tokenizer():
     "The zoo's tokenizer (a `PreTrainedTokenizerFast` with chat template and '<image>' token)."
     from transformers import PreTrainedTokenizerFast

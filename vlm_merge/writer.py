@@ -119,7 +119,7 @@ class ShardedWriter:
         self.tmp_dir.mkdir()
         self._shard, self._shard_bytes, self._ptrs = {}, 0, set()
         self._shards, self._key_shard, self._written = [], {}, set()
-        self._slots, self._fds, self._lock = {}, [], threading.Lock()   # reserved tensors: key -> [fd, offset, dtype, shape, bytes left]
+        self._slots, self._fds, self._lock = {}, [], threading.Lock()   # reserved tensors: key -> [fd, offset, dtype, shape, bytes, spans written]
         self.total_size, self.total_parameters, self.weight_map, self.state = 0, 0, {}, 'open'
 
     def __repr__(self): return f'{type(self).__name__}({str(self.out_dir)!r}, {self.state}, {len(self._key_shard)} tensors)'
@@ -198,7 +198,7 @@ def reserve(self:ShardedWriter, specs:list, # [(name, dtype, shape)] of every te
         head, spans = safetensors_header(g, self.metadata, where=str(f))
         fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644); self._fds.append(fd)
         os.pwrite(fd, head, 0); os.ftruncate(fd, len(head) + max(e for _, e in spans.values()))
-        for k, dt, sh in g: self._slots[k] = [fd, len(head) + spans[k][0], dt, sh, spans[k][1] - spans[k][0]]
+        for k, dt, sh in g: self._slots[k] = [fd, len(head) + spans[k][0], dt, sh, spans[k][1] - spans[k][0], []]
         self._shards.append(f)
 
 # %% ../nbs/01a_writer.ipynb #eb9001d6
@@ -210,7 +210,7 @@ def write_rows(self:ShardedWriter, key:str, # a reserved tensor
     "Write `rows` of reserved tensor `key` at their place in its shard (positional writes: threads may write at once)."
     if self.state != 'open': raise CheckpointError(f"{self.out_dir}: writer is {self.state}; cannot write tensor '{key}'")
     if key not in self._slots: raise CheckpointError(f"{self.out_dir}: tensor '{key}' was not reserved")
-    fd, off, dt, sh, _ = self._slots[key]
+    fd, off, dt, sh, _, _ = self._slots[key]
     t = rows.detach()
     ok = t.dtype == dt and (tuple(t.shape) == sh if not sh or t.dim() == 0 else
                             (t.dim() == len(sh) and tuple(t.shape[1:]) == sh[1:] and 0 <= start and start + t.shape[0] <= sh[0]))
@@ -220,13 +220,17 @@ def write_rows(self:ShardedWriter, key:str, # a reserved tensor
     at = off + start * (_itemsize(dt) * int(torch.Size(sh[1:]).numel()) if sh else 0)
     mv, done = memoryview(t.numpy()), 0
     while done < len(mv): done += os.pwrite(fd, mv[done:], at + done)
-    with self._lock: self._slots[key][4] -= len(mv)
+    with self._lock: self._slots[key][5].append((at - off, at - off + len(mv)))
 
-# %% ../nbs/01a_writer.ipynb #c9d4bf34
+# %% ../nbs/01a_writer.ipynb #28630961
 @patch
 def _finish_slots(self:ShardedWriter):
     "Refuse to finish while a reserved tensor is not fully written; close the shard files."
-    short = [(k, s[4]) for k, s in self._slots.items() if s[4] != 0]
+    def missing(n, spans):   # bytes of [0, n) that no written span covers (rows may be written twice)
+        at = gap = 0
+        for a, b in sorted(spans): gap += max(0, a - at); at = max(at, b)
+        return gap + max(0, n - at)
+    short = [(k, m) for k, s in self._slots.items() if (m := missing(s[4], s[5]))]
     if short: raise CheckpointError(f"{self.out_dir}: tensor '{short[0][0]}' was reserved but {short[0][1]} of its bytes were never written"
                                     + (f' ({len(short) - 1} more tensors incomplete)' if len(short) > 1 else ''))
     for fd in self._fds: os.close(fd)

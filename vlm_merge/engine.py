@@ -57,6 +57,7 @@ def merge_item(plan:MergePlan, # the plan
     def get(ref, key):
         x = R[ref].read_rows(key).to(device)
         _finite(x, f'{key} of {ref}')
+        if glob.get('load_dtype') is not None: x = x.to(glob['load_dtype'])   # mergekit_compat: loaded in the config's dtype
         return x[:it.rows] if it.rows is not None else x
     xs = [get(r, k) for r, k in refs]
     base = xs.pop(0) if it.base_key is not None else None
@@ -78,9 +79,11 @@ def merge_item(plan:MergePlan, # the plan
 def _compat_params(cfg:MergeConfig, # the merge
                    glob:dict # a tensor's global parameters
                   ) -> dict:
-    "With `mergekit_compat`, compute in the config's `dtype` as mergekit does (the inputs' own dtype when the config names none)."
+    "With `mergekit_compat`, mergekit 0.1.5's arithmetic: inputs cast to the config's `dtype` as it loads them, then computed in that dtype (linear and slerp in float32, as mergekit does)."
     if glob.get('mergekit_compat') and glob.get('compute_dtype') is None:
-        glob = {**glob, 'compute_dtype': to_dtype(cfg.dtype) or 'input', 'tie_break': glob.get('tie_break', 'sort')}
+        load = to_dtype(cfg.dtype)
+        cdt = torch.float32 if cfg.merge_method == 'slerp' else (load or 'input')   # linear: float32 inside `_mergekit_linear`
+        glob = {**glob, 'compute_dtype': cdt, 'load_dtype': load, 'tie_break': glob.get('tie_break', 'sort')}
     return glob
 
 # %% ../nbs/09_engine.ipynb #1ccf8108

@@ -272,11 +272,21 @@ def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|N
     if before < 1e-7 or after < 1e-7: return masked
     return masked * (torch.tensor(before, dtype=d.dtype) / torch.tensor(after, dtype=d.dtype))
 
-# %% ../nbs/09_streaming.ipynb #13b54c9a
+# %% ../nbs/09_streaming.ipynb #9e9cd999
+def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype)
+                     per:list, gp:dict) -> torch.Tensor:
+    "mergekit 0.1.5's `linear`: a float32 accumulator, `addcmul_` model by model (its rounding), divided by the weights' sum."
+    w = torch.tensor([float(p['weight']) for p in per], dtype=torch.float64).to(torch.float32)
+    out = torch.zeros_like(v[0], dtype=torch.float32)
+    for x, c in zip(v, w.unbind(0)): out.addcmul_(x, c.reshape((1,) * max(1, x.dim())) if x.dim() else c)
+    if gp.get('normalize', True): out.div_(w.sum(dim=0))
+    return out.to(v[0].dtype)
+
+# %% ../nbs/09_streaming.ipynb #f2593ec6
 def _merge_chunk(s:dict, v:list, state:dict) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
-    if method == 'linear': return s['m'].fn(None, v, s['per'], s['gp'], 0, None)
+    if method == 'linear': return _mergekit_linear(v, s['per'], s['gp']) if s['compat'] else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
     if method == 'slerp':
         c, t = state['coefs'], float(s['gp']['t'])
         if c is None: return (1 - t) * v[0] + t * v[1]
@@ -290,7 +300,7 @@ def _merge_chunk(s:dict, v:list, state:dict) -> torch.Tensor:
         if mask is not None: ds[i] = d * mask.to(d.dtype)
     return _gta_tail(base, ds, s['per'], s['gp'], s['cons'])
 
-# %% ../nbs/09_streaming.ipynb #4122ec74
+# %% ../nbs/09_streaming.ipynb #7afdfc53
 def _prepare(s:dict, chunks, name:str) -> dict:
     "The state of the chunk pass: trim thresholds, DARE norms and generators, slerp weights (the pre-passes run here)."
     state = {'trim': None, 'need': None, 'sums': [None] * len(s['per']), 'coefs': None}
@@ -310,7 +320,7 @@ def _prepare(s:dict, chunks, name:str) -> dict:
     state['gens'] = s['gens']()
     return state
 
-# %% ../nbs/09_streaming.ipynb #a62fd97a
+# %% ../nbs/09_streaming.ipynb #4ad21349
 def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for methods with one), any float dtype, on the device
                  shape:tuple, # tensor shape
                  method:str, # a method in `STREAMED`
@@ -335,7 +345,8 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
         raw = [get(i, a, b) for i in range(n_in)]
         for x, lab in zip(raw, labels): _finite(x, lab, fast=True)
         return raw
-    cast = lambda raw: [x.to(_resolve_dtype(spec, raw)) for x in raw]
+    load = gp.get('load_dtype')   # mergekit_compat: the dtype mergekit loads the inputs in, before computing
+    cast = lambda raw: [x.to(_resolve_dtype(spec, raw)) for x in ([r.to(load) for r in raw] if load is not None else raw)]
     chunks = lambda: (cast(read(a, b)) for a, b in ranges)
     same = lambda raw: all(x.dtype == raw[0].dtype and torch.equal(x, raw[0]) for x in raw[1:])
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them
@@ -350,9 +361,9 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
         res = _merge_chunk(s, cast(raw), state)
         if not bool(torch.isfinite(res.sum(dtype=torch.float32))): raise MergeRefused(f'{name}: the merge produced NaN or Inf')
         put(a, b, res.float().to(out_dtype))
-    if ident: pass_through()   # every chunk was identical: the whole tensor is
+    if ident and not s['compat']: pass_through()   # every chunk was identical: the whole tensor is (mergekit computes it anyway)
 
-# %% ../nbs/09_streaming.ipynb #a4025a8a
+# %% ../nbs/09_streaming.ipynb #9dbaa98b
 def stream_tensor(inputs:list, # the inputs (base first for the methods that have one)
                   method:str, per:list, gp:dict, out_dtype:torch.dtype=torch.float32, chunk:int=CHUNK_ELEMENTS,
                   seed:int|None=None, name:str='<tensor>') -> torch.Tensor:
@@ -366,7 +377,7 @@ def stream_tensor(inputs:list, # the inputs (base first for the methods that hav
                  name=name, chunk=chunk, seed=seed)
     return out
 
-# %% ../nbs/09_streaming.ipynb #48caff92
+# %% ../nbs/09_streaming.ipynb #dbea55f1
 def stream_task_arithmetic(get, shape:tuple, method:str, per:list, gp:dict, out_dtype:torch.dtype, name:str='<tensor>',
                            chunk:int=CHUNK_ELEMENTS, labels:list|None=None) -> torch.Tensor:
     "Task arithmetic / TIES of one tensor in row chunks, into one tensor (see `stream_merge`)."

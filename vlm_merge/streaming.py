@@ -377,7 +377,7 @@ def stream_tensor(inputs:list, # the inputs (base first for the methods that hav
                  name=name, chunk=chunk, seed=seed)
     return out
 
-# %% ../nbs/09_streaming.ipynb #dbea55f1
+# %% ../nbs/09_streaming.ipynb #cdc8f45f
 def stream_task_arithmetic(get, shape:tuple, method:str, per:list, gp:dict, out_dtype:torch.dtype, name:str='<tensor>',
                            chunk:int=CHUNK_ELEMENTS, labels:list|None=None) -> torch.Tensor:
     "Task arithmetic / TIES of one tensor in row chunks, into one tensor (see `stream_merge`)."

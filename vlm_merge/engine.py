@@ -178,6 +178,16 @@ def _libc_trim():
         return lambda: trim(0)
     except (OSError, AttributeError): return lambda: None
 
+# %% ../nbs/09_engine.ipynb #4ce80313
+def _one_arena():
+    "Make glibc serve every thread from one heap (mallopt M_ARENA_MAX=1); a no-op elsewhere."
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').mallopt(-8, 1)   # M_ARENA_MAX
+    except (OSError, AttributeError): pass
+
+_one_arena()   # at import, before any thread has a heap of its own (later it no longer takes)
+
 # %% ../nbs/09_engine.ipynb #b94bc020
 def _out_config(plan:MergePlan, dt:torch.dtype|None) -> dict:
     cfg = json.loads(json.dumps(plan.readers[plan.output_model].config))

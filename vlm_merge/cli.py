@@ -193,7 +193,7 @@ def _merge_args(p):
     p.add_argument('--overwrite', action='store_true', help='replace OUT_DIR if it is a vlm_merge output or empty (never an input)')
     p.add_argument('--allow-mismatched-architectures', action='store_true', default=None,
                    help='merge models whose text architectures differ (shapes must still match)')
-    p.add_argument('--threads', type=int, default=1, help='torch threads while merging (0: torch default); 1 is fastest for the streaming kernel')
+    p.add_argument('--threads', type=int, default=0, help='tensors merged at once, one core each (0: every core)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 # %% ../nbs/99_cli.ipynb #3b48db31

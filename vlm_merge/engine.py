@@ -4,13 +4,16 @@
 
 # %% ../nbs/09_engine.ipynb #78bc19c5
 from __future__ import annotations
-import csv, gc, json, logging, re, sys, time, warnings
+import csv, gc, json, logging, math, os, re, sys, time, warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointReader, ShardedWriter, is_hub_ref, shown_ref
+from .checkpoints import CheckpointReader, is_hub_ref, shown_ref, to_dtype
+from .writer import ShardedWriter
 from .methods import merge_tensors, kth_largest_bits   # kth_largest_bits: re-exported, it lived here
 from .sparsegpt import hessians, sparsegpt_importance, hinv_diagonal
 from .merge_config import *
@@ -18,10 +21,10 @@ from .merge_config import _base_methods
 from .plan import *
 from .plan import _family, _canon_keys, _match_key
 from .streaming import *
-from .streaming import _finite, _kernel_ok
+from .streaming import _finite, _not_streamed, _row_ranges, _Whole
 
 # %% auto #0
-__all__ = ['merge_item', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
+__all__ = ['COPY_CHUNK', 'merge_item', 'write_item', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
 
 # %% ../nbs/09_engine.ipynb #8e1cb072
 def merge_item(plan:MergePlan, # the plan
@@ -29,9 +32,9 @@ def merge_item(plan:MergePlan, # the plan
                device:str='cpu', # where the arithmetic runs
                seed:int|None=0, # run seed
                out_dtype:torch.dtype|None=None, # output dtype (None: the output model's)
-               kernel:bool=True # use the streaming kernel for task arithmetic / TIES
+               kernel:bool=True # use the streaming kernels where they take the method
               ) -> torch.Tensor:
-    "Read, check, merge and cast one output tensor (on the CPU, ready to write)."
+    "Read, check, merge and cast one whole output tensor (on the CPU); `write_item` streams it instead."
     cfg, R = plan.config, plan.readers
     if it.action == 'copy':
         (ref, key), = it.src.items()
@@ -42,18 +45,19 @@ def merge_item(plan:MergePlan, # the plan
     dt = out_dtype or plan.readers[out_ref].dtype(it.out_key)
     refs = ([(cfg.base_model, it.base_key)] if it.base_key is not None else []) + list(it.src.items())
     per, glob = tensor_parameters(cfg, it.out_key, it.t)
-    Hs = None
-    if glob.pop('use_sparsegpt', False) and cfg.merge_method in SPARSIFYING:
+    glob = _compat_params(cfg, glob)
+    Hs, sg = None, glob.pop('use_sparsegpt', False) and cfg.merge_method in SPARSIFYING
+    if sg:
         Hs = _item_hessians(plan, it)   # None: no Hessian for this tensor, ranked by magnitude
         plan.stats['sparsegpt' if Hs is not None else 'magnitude'] += 1
-    if Hs is None and kernel and _kernel_ok(cfg, it, per, glob):
-        get = lambda i, a, b: R[refs[i][0]].read_rows(refs[i][1], a, b).to(device)
-        return stream_task_arithmetic(get, it.shape, cfg.merge_method, per, glob, dt, name=it.out_key,
-                                      chunk=CHUNK_ELEMENTS if torch.device(device).type == 'cpu' else 1 << 24,   # GPU: few big launches
-                                      labels=[f'{k} of {r}' for r, k in refs]).to('cpu')
+    if not sg and kernel and it.rows is None and _not_streamed(cfg.merge_method, per, glob) is None:
+        out = torch.empty(it.shape, dtype=dt)
+        try: write_item(plan, it, _TensorSink(out), device=device, seed=seed, out_dtype=dt); return out
+        except _Whole: pass
     def get(ref, key):
         x = R[ref].read_rows(key).to(device)
         _finite(x, f'{key} of {ref}')
+        if glob.get('load_dtype') is not None: x = x.to(glob['load_dtype'])   # mergekit_compat: loaded in the config's dtype
         return x[:it.rows] if it.rows is not None else x
     xs = [get(r, k) for r, k in refs]
     base = xs.pop(0) if it.base_key is not None else None
@@ -64,12 +68,96 @@ def merge_item(plan:MergePlan, # the plan
         score = lambda d, H: sparsegpt_importance(d, H, damp=float(sp['damp']), kind=sp['kind'],
                                                   hinv=None if sp['kind'] == 'diag' else _hinv(plan, H, float(sp['damp']), d.device))
         imp = [score((x.float() - base.float()).T, H).T if tr else score(x.float() - base.float(), H) for x, (H, tr) in zip(xs, Hs)]
-    # merge_tensors passes identical inputs through bit for bit, checks NaN/Inf and computes in float32
+    # merge_tensors passes identical inputs through bit for bit, checks NaN/Inf and computes in float32 (mergekit_compat: the config's dtype)
     try: out = merge_tensors(cfg.merge_method, base, xs, per, glob, seed=tensor_seed(seed, it.out_key), importance=imp).to(dt)
     except (ValueError, TypeError) as e: raise MergeRefused(f'{it.out_key}: {e}') from None
     if it.rows is not None and it.rows < it.shape[0]:
         out = torch.cat([out.to('cpu'), R[out_ref].read_rows(it.out_key, it.rows, it.shape[0]).to(dt)])
     return out.to('cpu')
+
+# %% ../nbs/09_engine.ipynb #295b230f
+def _compat_params(cfg:MergeConfig, # the merge
+                   glob:dict # a tensor's global parameters
+                  ) -> dict:
+    "With `mergekit_compat`, mergekit 0.1.5's arithmetic: inputs cast to the config's `dtype` as it loads them, then computed in that dtype (linear and slerp in float32, as mergekit does)."
+    if glob.get('mergekit_compat') and glob.get('compute_dtype') is None:
+        load = to_dtype(cfg.dtype)
+        cdt = torch.float32 if cfg.merge_method == 'slerp' else (load or 'input')   # linear: float32 inside `_mergekit_linear`
+        glob = {**glob, 'compute_dtype': cdt, 'load_dtype': load, 'tie_break': glob.get('tie_break', 'sort')}
+    return glob
+
+# %% ../nbs/09_engine.ipynb #1ccf8108
+class _TensorSink:
+    "A stand-in for a reserved `ShardedWriter` that writes rows into one tensor."
+    def __init__(self, out:torch.Tensor): self.out = out
+    def write_rows(self, key:str, rows:torch.Tensor, start:int=0):
+        if self.out.dim() == 0: self.out.copy_(rows)
+        else: self.out[start:start + rows.shape[0]] = rows
+
+# %% ../nbs/09_engine.ipynb #dee8e25a
+def _item_dtype(plan:MergePlan, it:PlanItem, out_dtype:torch.dtype|None) -> torch.dtype:
+    "The dtype output tensor `it` is written in: a merge in `out_dtype` (else the output model's), a copy cast only when floating point."
+    if it.action == 'copy':
+        (ref, key), = it.src.items(); d = plan.readers[ref].dtype(key)
+        return out_dtype if out_dtype is not None and d.is_floating_point else d
+    return out_dtype or plan.readers[plan.output_model].dtype(it.out_key)
+
+# %% ../nbs/09_engine.ipynb #4a7c0768
+COPY_CHUNK = 1 << 20   # elements per piece of a copied tensor
+
+def write_item(plan:MergePlan, # the plan
+               it:PlanItem, # one output tensor
+               w, # a `ShardedWriter` with `it.out_key` reserved (anything with `write_rows`)
+               device:str='cpu', # where the arithmetic runs
+               seed:int|None=0, # run seed
+               out_dtype:torch.dtype|None=None, # output dtype (None: the output model's)
+               chunk:int=CHUNK_ELEMENTS # elements per chunk of the kernels
+              ) -> str:
+    "Copy or merge one output tensor into `w` a chunk at a time; returns 'copy', 'stream', or why it was merged whole."
+    cfg, R, dt = plan.config, plan.readers, _item_dtype(plan, it, out_dtype)
+    put = lambda a, b, rows: w.write_rows(it.out_key, rows.to('cpu'), a or 0)
+    if it.action == 'copy':
+        (ref, key), = it.src.items()
+        for a, b in _row_ranges(it.shape, COPY_CHUNK):
+            x = R[ref].read_rows(key, a, b); _finite(x, f'{key} of {ref}')
+            put(a, b, x.to(dt) if x.is_floating_point() else x)
+        return 'copy'
+    per, glob = tensor_parameters(cfg, it.out_key, it.t)
+    glob = _compat_params(cfg, glob)
+    why = 'SparseGPT importance' if glob.get('use_sparsegpt') and cfg.merge_method in SPARSIFYING else _not_streamed(cfg.merge_method, per, glob)
+    if why is None:
+        refs = ([(cfg.base_model, it.base_key)] if it.base_key is not None else []) + list(it.src.items())
+        shape = (it.rows,) + tuple(it.shape[1:]) if it.rows is not None else tuple(it.shape)
+        get = lambda i, a, b: R[refs[i][0]].read_rows(refs[i][1], a, b).to(device)
+        try:
+            stream_merge(get, shape, cfg.merge_method, per, glob, dt, put, name=it.out_key, labels=[f'{k} of {r}' for r, k in refs],
+                         chunk=chunk if torch.device(device).type == 'cpu' else 1 << 24, seed=tensor_seed(seed, it.out_key))
+        except _Whole as e: why = str(e)
+        else:
+            for a, b in ([] if it.rows is None else _row_ranges((it.shape[0] - it.rows,) + tuple(it.shape[1:]), COPY_CHUNK)):
+                put(it.rows + a, None, R[plan.output_model].read_rows(it.out_key, it.rows + a, it.rows + b).to(dt))   # rows past the merged vocabulary
+            return 'stream'
+    w.write_rows(it.out_key, merge_item(plan, it, device=device, seed=seed, out_dtype=dt, kernel=False))
+    return why
+
+# %% ../nbs/09_engine.ipynb #98ee7be8
+def _run_items(plan:MergePlan, w, device:str, seed:int|None, out_dtype:torch.dtype|None, workers:int, progress:bool) -> Counter:
+    "Write every item of the plan into reserved writer `w` with `workers` threads; {'copy'|'stream'|reason: count}."
+    how, items = Counter(), plan.items if workers <= 1 else sorted(plan.items, key=lambda it: -math.prod(it.shape))   # largest first: no long tail
+    bar = tqdm(total=len(items), desc=f'merge ({plan.config.merge_method})', unit='tensor', disable=not progress)
+    try:
+        if workers <= 1:
+            for it in items: how[write_item(plan, it, w, device, seed, out_dtype)] += 1; bar.update()
+            return how
+        with ThreadPoolExecutor(workers) as ex:
+            futs = [ex.submit(write_item, plan, it, w, device, seed, out_dtype) for it in items]
+            try:
+                for f in as_completed(futs): how[f.result()] += 1; bar.update()
+            except BaseException:
+                for f in futs: f.cancel()
+                raise
+        return how
+    finally: bar.close()
 
 # %% ../nbs/09_engine.ipynb #0cab70ee
 def card_text(config:MergeConfig, # the merge
@@ -89,6 +177,16 @@ def _libc_trim():
         trim = ctypes.CDLL('libc.so.6').malloc_trim
         return lambda: trim(0)
     except (OSError, AttributeError): return lambda: None
+
+# %% ../nbs/09_engine.ipynb #4ce80313
+def _one_arena():
+    "Make glibc serve every thread from one heap (mallopt M_ARENA_MAX=1); a no-op elsewhere."
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').mallopt(-8, 1)   # M_ARENA_MAX
+    except (OSError, AttributeError): pass
+
+_one_arena()   # at import, before any thread has a heap of its own (later it no longer takes)
 
 # %% ../nbs/09_engine.ipynb #b94bc020
 def _out_config(plan:MergePlan, dt:torch.dtype|None) -> dict:
@@ -112,7 +210,7 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
               overwrite:bool=False, # replace a non-empty out_dir (never an input)
               allow_mismatched_architectures:bool|None=None, # override the config's opt-in
               progress:bool=True, # show a progress bar
-              threads:int|None=1 # torch intra-op threads while merging (None: leave torch's setting)
+              threads:int|None=None # tensors merged at once, one core each (None: every core this process may use)
              ) -> Path:
     "Merge as `config` says into `out_dir`, streaming tensor by tensor; return the output folder."
     if not isinstance(config, MergeConfig):
@@ -128,13 +226,15 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
     n_threads = torch.get_num_threads()
     try:
         if config.use_sparsegpt: input_hessians(plan, device=device, progress=progress)   # before the stream, all threads
-        if threads: torch.set_num_threads(threads)
+        workers = threads or len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (threads or os.cpu_count() or 1)
+        if not device.startswith('cpu') or config.use_sparsegpt or any(isinstance(r, LoraReader) for r in plan.readers.values()):
+            workers = 1   # one GPU stream; Hessian factorisations shared in plan order; LoRA factors read through one handle
+        torch.set_num_threads(1 if workers > 1 else (threads or n_threads))
         inputs = [r.path for r in plan.readers.values()] + [r.adapter.path for r in plan.readers.values() if isinstance(r, LoraReader)]
         with ShardedWriter(out_dir, max_shard_size=shard_size, overwrite=overwrite, inputs=inputs) as w:
-            trim = _libc_trim()
-            for it in tqdm(plan.items, desc=f'merge ({config.merge_method})', unit='tensor', disable=not progress):
-                w.add(it.out_key, merge_item(plan, it, device=device, seed=seed, out_dtype=dt))
-                trim()
+            w.reserve([(it.out_key, _item_dtype(plan, it, dt), tuple(it.shape)) for it in plan.items])   # every header first
+            how = _run_items(plan, w, device, seed, dt, workers, progress)
+            _libc_trim()()
             w.copy_aux(plan.readers[plan.output_model].path)
             ts = config.tokenizer_source
             srcs = [plan.readers[plan.output_model]] if ts is None else [plan.readers[config.base_model if ts == 'base' else ts]]
@@ -156,6 +256,9 @@ def run_merge(config:MergeConfig|dict|str|Path, # a MergeConfig, a dict, or a YA
                         + ', '.join(plan.no_hessian[:5]) + (' ...' if len(plan.no_hessian) > 5 else ''))
             logging.getLogger(__name__).log(logging.WARNING if plan.no_hessian else logging.INFO, msg)
             if progress: tqdm.write(msg)
+        whole = {k: v for k, v in how.items() if k not in ('copy', 'stream')}
+        logging.getLogger(__name__).info(f"{how['stream']} tensors merged chunk by chunk, {how['copy']} copied"
+                                         + ''.join(f'; {v} merged whole ({k})' for k, v in whole.items()))
     finally:
         plan.close(); torch.set_num_threads(n_threads)
     return Path(out_dir)

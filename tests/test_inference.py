@@ -111,3 +111,18 @@ def test_geometry3k_image_placeholder_in_problem_text(models_dir, sep):
     e1, e2 = inf.encode([with_ph], [im]), inf.encode([inf.format(p, with_image=True)], [im])
     assert torch.equal(e1['input_ids'], e2['input_ids'])
     assert inf.generate(['<image>' + sep + p], [im], max_new_tokens=3, progress=False) == inf.generate([p], [im], max_new_tokens=3, progress=False)
+
+
+def test_data_flag_takes_a_zoo_file_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    "A merged folder is not a zoo model: without mgsm_en.tsv here the default is refused in one line naming --data; "
+    "`--data mgsm_en.tsv` then finds the zoo's file from any working folder."
+    import shutil
+    from vlm_merge.cli import main
+    from vlm_merge.zoo import zoo_path
+    model = tmp_path/'merged'; shutil.copytree(zoo_path('base-lm'), model)
+    monkeypatch.chdir(tmp_path)
+    assert main(['infer', '--model_path', str(model), '--task', 'gsm', '--limit', '2']) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('vlm-merge infer: error: no GSM data') and '--data' in err[0], err
+    assert main(['infer', '--model_path', str(model), '--task', 'gsm', '--limit', '2', '--data', 'mgsm_en.tsv']) == 0
+    assert '"n": 2' in capsys.readouterr().out

@@ -336,7 +336,8 @@ def _ot_plans_args(p):
                      'and between their layers (P), from activations on one shared token stream.')
     p.add_argument('--source', required=True, help=MODEL + '; the model knowledge is taken from')
     p.add_argument('--target', required=True, help=MODEL + '; the model it is fused into (same tokenizer)')
-    p.add_argument('--data', required=True, help='calibration text: .tsv/.parquet with question/answer (or prompt, text) columns, or .txt')
+    p.add_argument('--data', default='llama3ds_math.tsv', help='calibration text: .tsv/.parquet with question/answer (or prompt, text) '
+                   'columns, .txt, or a zoo data file name (the default: the zoo\'s worked GSM solutions)')
     p.add_argument('--out', required=True, help='the plans folder to write (plans.safetensors, summary.json)')
     p.add_argument('--tokens', type=positive_int, default=4096, help='tokens of the shared stream')
     p.add_argument('--seq-len', type=positive_int, default=128, help='tokens per forward pass')

@@ -358,6 +358,11 @@ def evaluate(model, # a model folder / Hub id, or an `Inferencer`
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f'limit: {limit!r} must be a positive number of rows')
     if data is None: data = zoo_default_data(model, task)
+    if data is None and task != 'multimodal' and not Path(f'mgsm_{lang}.tsv').exists():
+        raise FileNotFoundError(f'no GSM data: mgsm_{lang}.tsv is not in {Path.cwd()}; pass data= (--data): a TSV path, '
+                                f'or the name of a zoo data file such as mgsm_en.tsv')
+    from vlm_merge.zoo import local_or_zoo_data
+    data = local_or_zoo_data(data)
     df = load_task_data(task, data, lang)
     if limit is not None: df = df.head(limit)
     df = df.reset_index(drop=True).copy()

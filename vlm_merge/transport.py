@@ -289,13 +289,14 @@ def load_plans(plans_dir # a folder written by `save_plans`
     return dict(Q=Q, costs=costs, P=t['P'], extra=extra, summary=json.loads((d/'summary.json').read_text()))
 
 # %% ../nbs/13_transport.ipynb #ebbd4a2c
-def calibration_texts(data # a .tsv / .parquet of GSM-style rows (question, answer), a .txt file, or a list of strings
+def calibration_texts(data # a .tsv / .parquet of GSM-style rows (question, answer), a .txt file, a zoo data file name, or a list of strings
                      ) -> list:
     "The documents of the calibration data, as plain strings (question and answer joined)."
     import pandas as pd
     if isinstance(data, (list, tuple)): return [str(x) for x in data]
-    p = Path(data)
-    if not p.is_file(): raise TransportError(f'{p}: no such calibration data file (--data)')
+    from vlm_merge.zoo import local_or_zoo_data
+    p = Path(local_or_zoo_data(data))
+    if not p.is_file(): raise TransportError(f'{p}: no such calibration data file (--data; a path, or a zoo data file name)')
     if p.suffix == '.txt': return [l for l in p.read_text().splitlines() if l.strip()]
     df = pd.read_parquet(p) if p.suffix == '.parquet' else pd.read_csv(p, sep='\t', dtype=str, keep_default_na=False)
     cols = [c for c in ('question', 'prompt', 'problem', 'answer', 'text') if c in df.columns]

@@ -17,9 +17,10 @@ _all_ = ['SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'train_toke
 __all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT',
            'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe', 'label_targets',
            'tower_features', 'pretrain_tower', 'lm_delta_norm', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
-           'zoo_data_path', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM',
-           'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts',
-           'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate']
+           'zoo_data_path', 'local_or_zoo_data', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS',
+           'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts',
+           'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model',
+           'greedy_generate']
 
 # %% ../nbs/03_zoo.ipynb #b7dd42d7
 ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 'vlm-llava', 'vlm-2',
@@ -498,6 +499,14 @@ def zoo_data_path(name:str) -> Path:
         have = sorted(f.name for f in (zoo_dir() / 'data').glob('*')) if (zoo_dir() / 'data').exists() else []
         raise FileNotFoundError(f'zoo data file {name!r} not in {p.parent}; available: {have}')
     return p
+
+# %% ../nbs/03_zoo.ipynb #9392599a
+def local_or_zoo_data(data # a data reference: a path, or a bare file name the zoo ships ('mgsm_en.tsv')
+                     ):
+    "`data` itself when it exists (or is not a name), else the zoo's shipped file of that name, so `--data mgsm_en.tsv` works anywhere."
+    if not isinstance(data, (str, Path)) or Path(data).exists() or Path(data).name != str(data): return data
+    p = zoo_dir() / 'data' / str(data)
+    return p if p.is_file() else data
 
 # %% ../nbs/03_zoo.ipynb #c9424cb0
 def zoo_tokenizer():

@@ -406,6 +406,7 @@ def demo_cli(argv:list|None=None # command-line arguments (after `vlm-merge demo
     "`vlm-merge demo`: detection, shared neurons, lora and mean merges and evaluation on the built-in zoo."
     from vlm_merge.cli import parse_args
     a = parse_args('demo', argv)
+    import transformers; transformers.utils.logging.disable_progress_bar()   # a bar per tiny model load is noise; the stages print their own
     try:
         df = demo(a.out, a.overwrite, vlm=a.vlm, methods=tuple(a.methods.split(',')), sample_size=a.sample_size, limit=a.limit,
                   device=a.device, quiet=a.quiet)

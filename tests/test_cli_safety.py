@@ -240,3 +240,17 @@ def test_neuron_merge_output_is_uploadable_with_a_card_naming_folders(tmp_path):
     assert '`a` (a local folder)' in plan.card_text and '`b` (a local folder)' in plan.card_text
     assert str(tmp_path) not in plan.card_text and 'base_model' not in plan.card_text.split('---')[1]
     assert OUTPUT_MARKER not in [f for f, _ in plan.files]
+
+
+def test_quiet_flag_also_silences_transformers_bars():
+    "`--quiet` is handled once, in `parse_args`: every command that has it gets no transformers loading bars either."
+    import transformers
+    from vlm_merge.cli import parse_args
+    log = transformers.utils.logging
+    log.enable_progress_bar()
+    try:
+        parse_args('ot-plans', ['--source', 's', '--target', 't', '--out', 'o'])
+        assert log.is_progress_bar_enabled()
+        parse_args('vadasm', ['--small', 's', '--large', 'l', '--quiet'])
+        assert not log.is_progress_bar_enabled()
+    finally: log.enable_progress_bar()

@@ -381,8 +381,11 @@ def parser_for(command:str # a key of `PARSERS`
 def parse_args(command:str, # a key of `PARSERS`
                argv:list|None=None # the arguments after the command
               ) -> argparse.Namespace:
-    "`argv` parsed and checked by `parser_for(command)`; bad values exit with a usage line naming the flag."
-    return parser_for(command).parse_args(argv)
+    "`argv` parsed and checked by `parser_for(command)`; bad values exit with a usage line naming the flag. `--quiet` also silences transformers' bars."
+    a = parser_for(command).parse_args(argv)
+    if getattr(a, 'quiet', False):   # the loading/writing bars of transformers are progress output too
+        import transformers; transformers.utils.logging.disable_progress_bar()
+    return a
 
 # %% ../nbs/99_cli.ipynb #f5b5d0b8
 #| eval: false

@@ -372,7 +372,6 @@ def ot_plans_cli(argv:list|None=None # arguments after `vlm-merge ot-plans`
     "`vlm-merge ot-plans`: activations, Q and P plans, written as safetensors with a JSON summary."
     from vlm_merge.cli import parse_args
     a = parse_args('ot-plans', argv)
-    if a.quiet: import transformers; transformers.utils.logging.disable_progress_bar()   # no loading bars either
     t0 = time.perf_counter()
     s = ot_plans(a.source, a.target, a.data, a.out, n_tokens=a.tokens, seq_len=a.seq_len, eps=a.eps, eps_p=a.eps_p,
                  n_iter=a.iters, device=a.device, overwrite=a.overwrite, progress=not a.quiet)

@@ -628,7 +628,6 @@ def vadasm_cli(argv:list|None=None # arguments after `vlm-merge vadasm`
     "`vlm-merge vadasm`: merge a donor VLM into a small LLM; a progress bar per step, the last line a JSON summary."
     from vlm_merge.cli import parse_args
     a = parse_args('vadasm', argv)
-    if a.quiet: import transformers; transformers.utils.logging.disable_progress_bar()   # no loading/writing bars either
     if not 0 < a.svd_rank <= 1: raise VadasmError(f'--svd-rank {a.svd_rank}: the variance threshold must be in (0, 1]')
     res = vadasm(a.small, a.large, a.out, no_vision=a.no_vision, val=a.val, budget_evals=a.budget_evals, budget_s=a.budget_s,
                  params=dict(projector_svd_rank=a.svd_rank, align_layers=a.align_layers), large_base=a.large_base,

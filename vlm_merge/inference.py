@@ -328,6 +328,11 @@ def load_task_data(task:str, data=None, lang:str='en') -> pd.DataFrame:
     "The data of a task: a DataFrame as is, a file or folder through the task's loader, or the default source."
     if task not in TASKS: raise ValueError(f'unknown task {task!r}; choose from {TASKS}')
     if isinstance(data, pd.DataFrame): return data
+    from vlm_merge.zoo import local_or_zoo_data
+    data = local_or_zoo_data(data)   # a bare name the zoo ships ('mgsm_en.tsv') works from any folder
+    if data is None and task != 'multimodal' and not Path(f'mgsm_{lang}.tsv').exists():
+        raise FileNotFoundError(f'no GSM data: mgsm_{lang}.tsv is not in {Path.cwd()}; pass data= (--data): a TSV path, '
+                                f'or the name of a zoo data file such as mgsm_en.tsv')
     if task in ('gsm', 'gsm_mm') and data is not None and str(data).endswith('.tsv') and Path(data).is_file():
         head = pd.read_csv(data, sep='\t', dtype=str, keep_default_na=False, nrows=0).columns
         if 'prompt' in head and 'answer' in head and 'question' not in head:   # a zoo specialist's file: prompt, answer
@@ -358,11 +363,6 @@ def evaluate(model, # a model folder / Hub id, or an `Inferencer`
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f'limit: {limit!r} must be a positive number of rows')
     if data is None: data = zoo_default_data(model, task)
-    if data is None and task != 'multimodal' and not Path(f'mgsm_{lang}.tsv').exists():
-        raise FileNotFoundError(f'no GSM data: mgsm_{lang}.tsv is not in {Path.cwd()}; pass data= (--data): a TSV path, '
-                                f'or the name of a zoo data file such as mgsm_en.tsv')
-    from vlm_merge.zoo import local_or_zoo_data
-    data = local_or_zoo_data(data)
     df = load_task_data(task, data, lang)
     if limit is not None: df = df.head(limit)
     df = df.reset_index(drop=True).copy()

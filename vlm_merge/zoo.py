@@ -505,8 +505,8 @@ def local_or_zoo_data(data # a data reference: a path, or a bare file name the z
                      ):
     "`data` itself when it exists (or is not a name), else the zoo's shipped file of that name, so `--data mgsm_en.tsv` works anywhere."
     if not isinstance(data, (str, Path)) or Path(data).exists() or Path(data).name != str(data): return data
-    p = zoo_dir() / 'data' / str(data)
-    return p if p.is_file() else data
+    try: return zoo_data_path(str(data))
+    except FileNotFoundError: return data
 
 # %% ../nbs/03_zoo.ipynb #c9424cb0
 def zoo_tokenizer():

@@ -14,10 +14,10 @@ from .zoo_recipe import _curve, _lm_of, _warmup_cosine
 _all_ = ['SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate']
 
 # %% auto #0
-__all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'SPEC_LR', 'SPEC_P_TASK', 'VISION_LR', 'SPEC_REPLAY',
-           'WIDE_ARCH', 'READ_PROMPT', 'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe',
-           'label_targets', 'tower_features', 'pretrain_tower', 'lm_delta_norm', 'build_zoo', 'zoo_dir', 'zoo_manifest',
-           'zoo_path', 'zoo_data_path', 'local_or_zoo_data', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS',
+__all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT',
+           'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe', 'label_targets',
+           'tower_features', 'pretrain_tower', 'lm_delta_norm', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
+           'zoo_data_path', 'local_or_zoo_data', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS',
            'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts',
            'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model',
            'greedy_generate']
@@ -29,8 +29,8 @@ ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 
 
 # %% ../nbs/03_zoo.ipynb #d669c804
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
-                 base_gsm=1000, base_spec=2000, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 300,
+                 base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
+ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
              'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1200,
              'vlm-2-tower': 1500, 'vlm-2-align': 400, 'vlm-2': 1200,
              'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 1200}
@@ -38,9 +38,7 @@ ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1
 # (stage 1, the projector learns with the tower and the language model frozen), NAME (stage 2, a light fine-tune of the
 # language model, the projector still learning)
 BASE_LR = 3e-3     # peak learning rate of pretraining (base-lm, wide-base)
-FT_LR = 1e-3       # peak learning rate of the fine-tunes of a base that learn much: reason-lm, wide-lm, the VLMs' language models
-SPEC_LR = 5e-4     # peak learning rate of the specialists' fine-tunes: they only make a skill the base has its default
-SPEC_P_TASK = 0.5  # in base-lm's pretraining, the share of digit-string prompts answered by the task (the rest repeat the digits)
+FT_LR = 1e-3       # peak learning rate of every fine-tune of a base: reason-lm, wide-lm, the specialists, the VLMs' language models
 VISION_LR = 3e-3   # peak learning rate of the VLMs' projectors (stage 1; a tenth of it in stage 2)
 SPEC_REPLAY = 0.5  # a specialist also sees this many other-task prompts per own example, answered by base-lm itself
 WIDE_ARCH = dict(hidden=192, layers=3, heads=6, kv_heads=2, inter=512, family='qwen2')   # the second family: Qwen2, wider and shallower
@@ -105,7 +103,7 @@ def _train_table(kind:str, seed:int, Z:dict) -> pd.DataFrame:
     "The training table of data kind 'gsm', 'perception', 'chain', a specialist task, or 'base-KIND' (the pretraining mixture's): size and seed in one place."
     from vlm_merge.data import make_gsm, make_geometry
     if kind in SPEC_TASKS: return spec_data(kind, Z['train_spec'], seed=seed + 3)
-    if kind.startswith('base-') and kind[5:] in SPEC_TASKS: return spec_data(kind[5:], Z['base_spec'], seed=seed + 13, p_task=SPEC_P_TASK)
+    if kind.startswith('base-') and kind[5:] in SPEC_TASKS: return spec_data(kind[5:], Z['base_spec'], seed=seed + 13)
     if kind not in _TABLES: raise ValueError(f'unknown training data kind {kind!r}')
     size, off = _TABLES[kind]; n, s = Z[size], seed + off
     if kind.endswith('gsm'): return make_gsm(n, seed=s, **ZOO_GSM)
@@ -328,7 +326,7 @@ def _job(job:dict) -> dict:
             model = copy.deepcopy(base)
             exs = _train_examples('reason' if kind == 'reason' else name, tok, seed, sizes=job['sizes'])
             if kind == 'spec' and SPEC_REPLAY: exs += _replay_examples(base, tok, name, int(len(exs) * SPEC_REPLAY), seed)
-            stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=SPEC_LR if kind == 'spec' else FT_LR, seed=seed, desc=name)
+            stats = train_model(model, exs, tok.pad_token_id, steps=job['steps'], batch_size=32, lr=FT_LR, seed=seed, desc=name)
         else:
             cfg, proc = (llava_parts if kind == 'llava' else idefics3_parts)(tok, base.config)
             model = (LlavaForConditionalGeneration if kind == 'llava' else Idefics3ForConditionalGeneration)(cfg)

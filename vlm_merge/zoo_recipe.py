@@ -105,15 +105,14 @@ def generic_corpus(n:int, # number of documents
 def spec_data(name:str, # a key of SPEC_TASKS
               n:int, # number of examples
               seed:int=0, # RNG seed
-              lengths:tuple=(3, 6), # digit-string lengths (inclusive)
-              p_task:float=1.0, # chance that a row's answer is the task's; otherwise the digits repeated (pretraining documents)
+              lengths:tuple=(3, 6) # digit-string lengths (inclusive)
              ) -> pd.DataFrame:
     "Examples of a specialist's task: columns prompt, answer. All tasks share the prompt format 'VERB the digits: D'."
     verb, fn = SPEC_TASKS[name]; r = random.Random(f'{name}-{seed}')
     rows = []
     for _ in range(n):
         d = ''.join(r.choice('0123456789') for _ in range(r.randint(*lengths)))
-        rows.append({'prompt': f"{verb} the digits: {d}", 'answer': fn(d) if p_task >= 1 or r.random() < p_task else d})
+        rows.append({'prompt': f"{verb} the digits: {d}", 'answer': fn(d)})
     return pd.DataFrame(rows, columns=['prompt', 'answer'])
 
 # %% ../nbs/03a_zoo_recipe.ipynb #765331a8

@@ -330,6 +330,8 @@ def load_task_data(task:str, data=None, lang:str='en') -> pd.DataFrame:
     if isinstance(data, pd.DataFrame): return data
     from vlm_merge.zoo import local_or_zoo_data
     data = local_or_zoo_data(data)   # a bare name the zoo ships ('mgsm_en.tsv') works from any folder
+    if isinstance(data, (str, Path)) and Path(data).suffix in ('.tsv', '.csv', '.parquet', '.json', '.jsonl') and not Path(data).exists():
+        raise FileNotFoundError(f'no such data file {data} (--data): give a path, or the name of a zoo data file such as mgsm_en.tsv')
     if data is None and task != 'multimodal' and not Path(f'mgsm_{lang}.tsv').exists():
         raise FileNotFoundError(f'no GSM data: mgsm_{lang}.tsv is not in {Path.cwd()}; pass data= (--data): a TSV path, '
                                 f'or the name of a zoo data file such as mgsm_en.tsv')

@@ -13,7 +13,7 @@ from .data import _LABEL_KEYS, figure_labels
 # %% auto #0
 __all__ = ['SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data',
            'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example',
-           'collate', 'batch_backward', 'train_model', 'greedy_generate']
+           'collate', 'length_groups', 'batch_backward', 'train_model', 'greedy_generate']
 
 # %% ../nbs/03a_zoo_recipe.ipynb #51ba258a
 SPEC_TASKS = {  # specialist name -> (instruction verb shared prompt format 'VERB the digits: D', digit-string function)
@@ -248,19 +248,33 @@ def _curve(losses:list, every:int=50) -> list:
     "Mean loss over each run of `every` steps: the training curve the manifest keeps."
     return [round(float(np.mean(losses[i:i + every])), 4) for i in range(0, len(losses), every)]
 
+# %% ../nbs/03a_zoo_recipe.ipynb #48e611fc
+def length_groups(lengths:list[int], # lengths of a batch's examples, sorted ascending
+                  overhead:int=64,    # the cost of one more forward pass, in padded tokens
+                 ) -> list[tuple[int, int]]:
+    "Split sorted `lengths` into contiguous (start, end) groups that minimise padded tokens plus `overhead` per group."
+    n = len(lengths); best = [0.0] + [math.inf] * n; cut = [0] * (n + 1)
+    for j in range(1, n + 1):   # best[j]: cheapest split of the first j; a group i..j-1 is padded to lengths[j-1]
+        for i in range(j):
+            c = best[i] + (j - i) * lengths[j - 1] + overhead
+            if c < best[j]: best[j], cut[j] = c, i
+    out, j = [], n
+    while j: out.append((cut[j], j)); j = cut[j]
+    return out[::-1]
+
 # %% ../nbs/03a_zoo_recipe.ipynb #f6bc9067
 def batch_backward(model,            # any transformers model whose loss takes `num_items_in_batch`
                    exs:list[dict],   # the step's encoded examples
                    pad_id:int,       # padding token id
-                   micro_batch:int=8,# rows per forward pass; None: the whole batch at once
+                   split:bool=True,  # run length groups (`length_groups`) as separate passes; False: the whole batch at once
                   ) -> float:
-    "Backward the mean token loss of `exs` in length-sorted micro-batches (less padding, the same gradient); returns the loss."
-    if micro_batch is None: loss = model(**collate(exs, pad_id)).loss; loss.backward(); return loss.item()
+    "Backward the mean token loss of `exs`, in length groups (less padding, the same gradient); returns the loss."
+    if not split: loss = model(**collate(exs, pad_id)).loss; loss.backward(); return loss.item()
     exs = sorted(exs, key=lambda e: len(e['input_ids']))
     n = sum(sum(l != -100 for l in e['labels'][1:]) for e in exs)   # the targets of the shifted loss, over the whole batch
     total = 0.0
-    for i in range(0, len(exs), micro_batch):
-        loss = model(**collate(exs[i:i + micro_batch], pad_id), num_items_in_batch=n).loss
+    for a, b in length_groups([len(e['input_ids']) for e in exs]):
+        loss = model(**collate(exs[a:b], pad_id), num_items_in_batch=n).loss
         loss.backward(); total += loss.item()
     return total
 
@@ -277,7 +291,7 @@ def train_model(model,               # any transformers model that returns `.los
                 desc:str='train',     # progress bar label
                 log_every:int=50,     # steps between loss reports on the bar
                 lr_groups:dict|None=None, # {name substring: peak lr}: parameters whose name contains a key train at that lr (frozen ones stay frozen)
-                micro_batch:int|None=8, # rows per forward pass (`batch_backward`); None: the whole batch at once
+                split:bool=True,      # each step in length groups (`batch_backward`); False: the whole batch in one pass
                ) -> dict:
     "AdamW with linear warmup and cosine decay over `steps` random batches of `examples`; returns losses and time."
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
@@ -294,7 +308,7 @@ def train_model(model,               # any transformers model that returns `.los
     bar = tqdm(range(steps), desc=desc, mininterval=10, disable=not sys.stdout.isatty())
     for s in bar:
         idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
-        loss = batch_backward(model, [examples[i] for i in idx], pad_id, micro_batch)
+        loss = batch_backward(model, [examples[i] for i in idx], pad_id, split)
         if not math.isfinite(loss): raise FloatingPointError(f'{desc}: loss is {loss} at step {s}')
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)

@@ -33,16 +33,17 @@ def test_streamed_equals_whole_tensor(method, gp, shape, n, chunk, levels):
     ps = [{'weight': 0.3 + j / 5, 'density': 0.3 + j / 10, 'gamma': 0.05} for j in range(n)]
     ins, base = (xs, None) if method == 'linear' else ([b] + xs, b)
     want = merge_tensors(method, base, xs, ps, dict(gp, tensor_name='t'), seed=11).bfloat16()
-    for c in (chunk, 1 << 20):
-        got = stream_tensor(ins, method, ps, gp, torch.bfloat16, chunk=c, seed=11, name='t')
-        assert torch.equal(got, want), (method, c)
+    for c, cache in ((chunk, 0), (1 << 20, 0), (chunk, 1 << 20)):   # cache 0: every pass reads the inputs again; else held in memory
+        got = stream_tensor(ins, method, ps, gp, torch.bfloat16, chunk=c, seed=11, name='t', cache=cache)
+        assert torch.equal(got, want), (method, c, cache)
 
 @pytest.mark.parametrize('method,ps,gp', [('slerp', [{}], {'t': 0.35}), ('dare_ties', [{'weight': 1.0, 'density': 0.4}], {}),
                                           ('dare_linear', [{'weight': 0.7, 'density': 0.6}], {'rescale': True})])
 def test_streamed_reductions_chunk_independent(method, ps, gp):
     "slerp and DARE's L1 rescale reduce in float64: the same output for every chunking, within 1 bf16 ulp of merge_tensors."
     b, (x,) = _inputs((61, 23), 1, seed=3)
-    outs = [stream_tensor([b, x], method, ps, gp, torch.bfloat16, chunk=c, seed=2, name='t') for c in (23, 100, 1 << 20)]
+    outs = [stream_tensor([b, x], method, ps, gp, torch.bfloat16, chunk=c, seed=2, name='t', cache=cache)
+            for c in (23, 100, 1 << 20) for cache in (0, 1 << 20)]
     for o in outs[1:]: assert torch.equal(o, outs[0])
     want = merge_tensors(method, b, [x], ps, dict(gp, tensor_name='t'), seed=2).bfloat16()
     assert (outs[0].view(torch.int16).int() - want.view(torch.int16).int()).abs().max() <= 1

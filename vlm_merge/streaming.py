@@ -130,7 +130,7 @@ def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
               consensus:str|None # 'sum' (TIES' sign election) or None
              ) -> torch.Tensor:
     "The merged chunk, as `methods.generalized_task_arithmetic` computes it from trimmed deltas."
-    if consensus and base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp)
+    if base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp) if consensus else _sum_tail(base, deltas, per, gp)
     deltas = torch.stack(deltas, dim=0)
     weights = torch.tensor([float(p['weight']) for p in per], dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
     wd = deltas * weights
@@ -167,6 +167,37 @@ def _ties_tail(base:torch.Tensor, # base chunk (float32)
     lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
     if lam != 1.0: mixed = mixed.mul_(lam)
     return base + mixed
+
+# %% ../nbs/09_streaming.ipynb #a5c8e311
+def _weighted_sum(xs:list, # float32 chunks
+                  w:list # their weights (float32 values)
+                 ) -> torch.Tensor:
+    "sum_i w_i * x_i as torch sums a stacked tensor over its first dimension (in order, from +0), without the stacked copy."
+    acc = xs[0] * w[0]
+    for x, wi in zip(xs[1:], w[1:]): acc = acc.add_(x * wi)
+    return acc.add_(0.0)   # from +0: a sum of zeros is +0
+
+# %% ../nbs/09_streaming.ipynb #b7d2f4a6
+def _sum_tail(base:torch.Tensor, # base chunk (float32)
+              deltas:list, # each model's (trimmed) task vector of the chunk (float32)
+              per:list, gp:dict) -> torch.Tensor:
+    "`_gta_tail` without a sign election, in float32, without stacked copies: bit for bit the same."
+    wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
+    mixed = _weighted_sum(deltas, wt.tolist())
+    if gp.get('normalize', False):
+        div = wt.sum(dim=0)
+        mixed = mixed.div_(1.0 if abs(float(div)) < 1e-8 else float(div))
+    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
+    if lam != 1.0: mixed = mixed.mul_(lam)
+    return base + mixed
+
+# %% ../nbs/09_streaming.ipynb #c2e9a7f5
+def _linear_chunk(v:list, # the models' chunks (float32)
+                  per:list, gp:dict) -> torch.Tensor:
+    "`methods.linear` of float32 chunks without the stacked copy, bit for bit the same."
+    wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
+    res = _weighted_sum(v, wt.tolist())
+    return res.div_(float(wt.sum(dim=0))) if gp.get('normalize', True) else res
 
 # %% ../nbs/09_streaming.ipynb #dea75a3b
 def _reductions(rows:torch.Tensor, # float32 chunk, rows first
@@ -337,7 +368,9 @@ def _merge_chunk(s:dict, v:list, state:dict,
                 ) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
-    if method == 'linear': return _mergekit_linear(v, s['per'], s['gp']) if s['compat'] else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
+    if method == 'linear':
+        if s['compat']: return _mergekit_linear(v, s['per'], s['gp'])
+        return _linear_chunk(v, s['per'], s['gp']) if v[0].dtype == torch.float32 else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
     if method == 'slerp':
         c, t = state['coefs'], float(s['gp']['t'])
         if c is None: return (1 - t) * v[0] + t * v[1]
@@ -409,11 +442,16 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     load = gp.get('load_dtype')   # mergekit_compat: the dtype mergekit loads the inputs in, before computing
     cast = lambda raw: [x.to(_resolve_dtype(spec, raw)) for x in ([r.to(load) for r in raw] if load is not None else raw)]
     same = lambda raw: all(x.dtype == raw[0].dtype and torch.equal(x, raw[0]) for x in raw[1:])
+    late = method in ('linear', 'task_arithmetic')   # a NaN/Inf input always reaches their output: the inputs are checked only then
     def read(a, b):
         raw = [get(i, a, b) for i in range(n_in)]
-        for x, lab in zip(raw, labels): _finite(x, lab, fast=True)
+        if not late:
+            for x, lab in zip(raw, labels): _finite(x, lab, fast=True)
         return raw
-    if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name)
+    def refuse(raw):   # a non-finite merge: name the input that holds the NaN/Inf, if one does
+        for x, lab in zip(raw, labels): _finite(x, lab)
+        raise MergeRefused(f'{name}: the merge produced NaN or Inf')
+    if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name, refuse)
     chunks = lambda: (cast(read(a, b)) for a, b in ranges)
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them
         for a, b in ranges: put(a, b, get(0, a, b).float().to(out_dtype))
@@ -425,29 +463,36 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     for a, b in ranges:
         raw = read(a, b); ident = ident and same(raw)
         res = _merge_chunk(s, cast(raw), state)
-        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): raise MergeRefused(f'{name}: the merge produced NaN or Inf')
+        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(raw)
         put(a, b, res.float().to(out_dtype))
     if ident and not s['compat']: pass_through()   # every chunk was identical: the whole tensor is (mergekit computes it anyway)
 
 # %% ../nbs/09_streaming.ipynb #5e1d7c20
-def _merge_held(s:dict, read, ranges:list, shape:tuple, cast, same, put, out_dtype:torch.dtype, name:str):
-    "`stream_merge` of a tensor held in memory: each input read, checked and cast once; the pre-passes on the whole of it, the merge in chunks."
+def _merge_held(s:dict, read, ranges:list, shape:tuple, cast, same, put, out_dtype:torch.dtype, name:str, refuse):
+    "`stream_merge` of a tensor held in memory: each input read and checked once; a trim's pre-passes on the whole of it, the rest in chunks."
     raw = read(*((0, shape[0]) if len(shape) else (None, None)))
     ident, refused = same(raw), False
     try: _refuse_empty(s, name)
     except MergeRefused:
         if not ident: raise
         refused = True
+    sl = lambda xs, a, b: xs if a is None else [x[a:b] for x in xs]
     if ident and (refused or not s['compat']):   # identical inputs: passed through, bit for bit, as merge_tensors passes them
-        return put(*ranges[0], raw[0].float().to(out_dtype)) if len(ranges) == 1 else [put(a, b, raw[0][a:b].float().to(out_dtype)) for a, b in ranges]
-    v = cast(raw); del raw
-    delta = s['m'].name not in ('linear', 'slerp')
-    D = [x - v[0] for x in v[1:]] if delta else None
-    state = _prepare(s, lambda: iter([v]), name, deltas=(lambda: iter([D])) if delta else None, whole=True)
+        if not bool(torch.isfinite(raw[0].sum(dtype=torch.float32))): refuse(raw)
+        for a, b in ranges: put(a, b, sl(raw, a, b)[0].float().to(out_dtype))
+        return
+    whole = s['spars'] in ('magnitude', 'magnitude_outliers') or (s['spars'] == 'random' and s['gp'].get('rescale', False)
+                                                                 and s['gp'].get('rescale_mode', 'l1') == 'l1')
+    if whole:   # task vectors, their keys and DARE's masks computed once, for the pre-passes and the chunk pass
+        v = cast(raw); del raw
+        D = [x - v[0] for x in v[1:]]
+        state = _prepare(s, lambda: iter([v]), name, deltas=lambda: iter([D]), whole=True)
+    else:   # one pass (slerp's reductions are per row): chunks of the held inputs, cast as they are used
+        state = _prepare(s, lambda: (cast(sl(raw, a, b)) for a, b in ranges), name)
     for a, b in ranges:
-        sl = (lambda x: x) if a is None else (lambda x: x[a:b])
-        res = _merge_chunk(s, [sl(x) for x in v], state, ds=[sl(d) for d in D] if delta else None, rows=(a, b))
-        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): raise MergeRefused(f'{name}: the merge produced NaN or Inf')
+        if whole: res = _merge_chunk(s, sl(v, a, b), state, ds=sl(D, a, b), rows=(a, b))
+        else: res = _merge_chunk(s, cast(sl(raw, a, b)), state)
+        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(sl(v, a, b) if whole else sl(raw, a, b))
         put(a, b, res.float().to(out_dtype))
 
 # %% ../nbs/09_streaming.ipynb #9dbaa98b

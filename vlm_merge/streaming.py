@@ -203,13 +203,13 @@ def _linear_chunk(v:list, # the models' chunks (float32)
 def _reductions(rows:torch.Tensor, # float32 chunk, rows first
                ) -> torch.Tensor:
     "float64 sum of each row (a 1-d tensor or scalar: one row)."
-    x = rows.double()
-    return x.reshape(1, -1).sum(dim=1) if x.dim() < 2 else x.reshape(x.shape[0], -1).sum(dim=1)
+    x = rows.reshape(1, -1) if rows.dim() < 2 else rows.reshape(rows.shape[0], -1)
+    return torch.sum(x, dim=1, dtype=torch.float64)   # = x.double().sum(dim=1), without the float64 copy
 
 # %% ../nbs/09_streaming.ipynb #2dd532e7
 def _fsum(parts:list) -> float:
-    "Exactly rounded sum of float64 tensors' entries (order-independent)."
-    return math.fsum(v for p in parts for v in p.tolist())
+    "Exactly rounded sum of the entries of float64 tensors or lists of floats (order-independent)."
+    return math.fsum(v for p in parts for v in (p.tolist() if isinstance(p, torch.Tensor) else p))
 
 # %% ../nbs/09_streaming.ipynb #d7006074
 def _prepass_trim(deltas, # callable -> iterator of each chunk's task vectors
@@ -296,7 +296,8 @@ def _dare_sums(chunks, per:list, gens,
             dens = float(p.get('density', 1.0))
             if dens >= 1 or dens <= 0: ks.append(None); continue
             keep = torch.rand(d.shape, generator=g[i], device=d.device, dtype=torch.float32) < dens
-            before[i].append(_reductions(d.abs().float())); after[i].append(_reductions((d * keep.to(d.dtype)).abs().float()))
+            before[i].append(_reductions(d.abs().float()).tolist())   # floats, not small tensors: kept tensors would pin the heap
+            after[i].append(_reductions((d * keep.to(d.dtype)).abs().float()).tolist())
             ks.append(keep)
         if masks is not None: masks.append(ks)
     return [(_fsum(b), _fsum(a)) for b, a in zip(before, after)]
@@ -411,7 +412,7 @@ def _prepare(s:dict, chunks, name:str,
         acc = [[], [], []]
         for v in chunks():
             a, b = v[0].float(), v[1].float()
-            acc[0].append(_reductions(a * a)); acc[1].append(_reductions(b * b)); acc[2].append(_reductions(a * b))
+            for x, y in zip(acc, (a * a, b * b, a * b)): x.append(_reductions(y).tolist())   # floats: kept small tensors would pin the heap
         c = _slerp_coefs(*[_fsum(x) for x in acc], float(s['gp']['t']))
         state['coefs'] = None if c is None else tuple(torch.tensor(x, dtype=torch.float32) for x in c)
     state['gens'] = s['gens']()
@@ -452,7 +453,9 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
         for x, lab in zip(raw, labels): _finite(x, lab)
         raise MergeRefused(f'{name}: the merge produced NaN or Inf')
     if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name, refuse)
-    chunks = lambda: (cast(read(a, b)) for a, b in ranges)
+    pre = _row_ranges(shape, 16 * chunk) if len(shape) != 1 else ranges   # the pre-passes keep no chunk: larger ones
+    raw_pre = (lambda a, b: read(a, b)) if method == 'slerp' else (lambda a, b: [get(i, a, b) for i in range(n_in)])   # checked in the chunk pass
+    chunks = lambda: (cast(raw_pre(a, b)) for a, b in pre)
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them
         for a, b in ranges: put(a, b, get(0, a, b).float().to(out_dtype))
     try: _refuse_empty(s, name)

@@ -122,31 +122,6 @@ def _trim_specs(sparsification:str|None, per:list, n:int) -> list:
         out.append([(True, n_bot), (True, n - n_top)])   # keep: not among the n_bot smallest, among the n - n_top smallest
     return out
 
-# %% ../nbs/09_streaming.ipynb #8edc79d8
-def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
-              deltas:list, # each model's trimmed task vector of the chunk
-              per:list, # per-model parameters (weight)
-              gp:dict, # global parameters (normalize, lambda)
-              consensus:str|None # 'sum' (TIES' sign election) or None
-             ) -> torch.Tensor:
-    "The merged chunk, as `methods.generalized_task_arithmetic` computes it from trimmed deltas."
-    if base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp) if consensus else _sum_tail(base, deltas, per, gp)
-    deltas = torch.stack(deltas, dim=0)
-    weights = torch.tensor([float(p['weight']) for p in per], dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
-    wd = deltas * weights
-    if consensus:
-        majority = (wd.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        mask = (wd.sign() == majority).to(base.dtype)
-        mixed, divisor = (wd * mask).sum(dim=0), (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed, divisor = wd.sum(dim=0), weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if gp.get('normalize', False): mixed = mixed / divisor
-    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
-    if lam != 1.0: mixed = mixed * lam
-    return base + mixed
-
 # %% ../nbs/09_streaming.ipynb #7c41d2e9
 def _ties_tail(base:torch.Tensor, # base chunk (float32)
                deltas:list, # each model's trimmed task vector of the chunk (float32)
@@ -198,6 +173,31 @@ def _linear_chunk(v:list, # the models' chunks (float32)
     wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
     res = _weighted_sum(v, wt.tolist())
     return res.div_(float(wt.sum(dim=0))) if gp.get('normalize', True) else res
+
+# %% ../nbs/09_streaming.ipynb #8edc79d8
+def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
+              deltas:list, # each model's trimmed task vector of the chunk
+              per:list, # per-model parameters (weight)
+              gp:dict, # global parameters (normalize, lambda)
+              consensus:str|None # 'sum' (TIES' sign election) or None
+             ) -> torch.Tensor:
+    "The merged chunk, as `methods.generalized_task_arithmetic` computes it from trimmed deltas."
+    if base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp) if consensus else _sum_tail(base, deltas, per, gp)
+    deltas = torch.stack(deltas, dim=0)
+    weights = torch.tensor([float(p['weight']) for p in per], dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
+    wd = deltas * weights
+    if consensus:
+        majority = (wd.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = (wd.sign() == majority).to(base.dtype)
+        mixed, divisor = (wd * mask).sum(dim=0), (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = wd.sum(dim=0), weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if gp.get('normalize', False): mixed = mixed / divisor
+    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
+    if lam != 1.0: mixed = mixed * lam
+    return base + mixed
 
 # %% ../nbs/09_streaming.ipynb #dea75a3b
 def _reductions(rows:torch.Tensor, # float32 chunk, rows first
@@ -257,16 +257,6 @@ def _chunk_mask(d:torch.Tensor, sel:list, state:list,
     if len(masks) == 1: return masks[0]
     return ~masks[0] & masks[1]
 
-# %% ../nbs/09_streaming.ipynb #3f9a60be
-def _above(d:torch.Tensor, # one chunk of a task vector (float32)
-           sel:list, # its selections (`_prepass_trim`)
-           state:list # ties still to keep, per selection
-          ) -> torch.Tensor|None:
-    "`d` with the entries at or below a magnitude trim's threshold zeroed, in float arithmetic (no boolean tensors); None: no such trim, or ties still to take."
-    if d.dtype != torch.float32 or len(sel) != 1 or state[1][0][0] or state[0][0] > 0 or sel[0][0] in (None, -1): return None
-    t = struct.unpack('<f', struct.pack('<i', sel[0][0]))[0]   # the threshold key as the float it orders (|d| > t  <=>  key > thr)
-    return torch.copysign(torch.nn.functional.threshold(d.abs(), t, 0.0), d)
-
 # %% ../nbs/09_streaming.ipynb #ad979083
 def _topk_chunk(keys:torch.Tensor, # int32 keys of one chunk
                 thr:int, # the threshold key (`_radix_select_many`)
@@ -282,6 +272,16 @@ def _topk_chunk(keys:torch.Tensor, # int32 keys of one chunk
         take = flat & (flat.cumsum(0) <= need)
         return mask | take.view(mask.shape), 0
     return mask, need
+
+# %% ../nbs/09_streaming.ipynb #3f9a60be
+def _above(d:torch.Tensor, # one chunk of a task vector (float32)
+           sel:list, # its selections (`_prepass_trim`)
+           state:list # ties still to keep, per selection
+          ) -> torch.Tensor|None:
+    "`d` with the entries at or below a magnitude trim's threshold zeroed, in float arithmetic (no boolean tensors); None: no such trim, or ties still to take."
+    if d.dtype != torch.float32 or len(sel) != 1 or state[1][0][0] or state[0][0] > 0 or sel[0][0] in (None, -1): return None
+    t = struct.unpack('<f', struct.pack('<i', sel[0][0]))[0]   # the threshold key as the float it orders (|d| > t  <=>  key > thr)
+    return torch.copysign(torch.nn.functional.threshold(d.abs(), t, 0.0), d)
 
 # %% ../nbs/09_streaming.ipynb #3cfdf739
 def _dare_sums(chunks, per:list, gens,

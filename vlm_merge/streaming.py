@@ -273,6 +273,31 @@ def _topk_chunk(keys:torch.Tensor, # int32 keys of one chunk
         return mask | take.view(mask.shape), 0
     return mask, need
 
+# %% ../nbs/09_streaming.ipynb #4c7e2d19
+def _tie_cuts(state:dict) -> dict:
+    "Per model with one magnitude trim of a held tensor: the flat index of the last tie at the threshold it keeps (-1: none)."
+    cuts = {}
+    for i, sel in enumerate(state['trim'] or []):
+        if sel is None or len(sel) != 1 or state['need'][i][1][0][0] or sel[0][0] in (None, -1) or (i, 0) not in state['keys']: continue
+        thr, need = sel[0]
+        cuts[i] = -1 if need <= 0 else int((state['keys'][(i, 0)].reshape(-1) == thr).nonzero()[need - 1])
+    return cuts
+
+# %% ../nbs/09_streaming.ipynb #8d3f5b62
+def _held_trim(d:torch.Tensor, # one chunk of a held task vector (float32)
+               keys:torch.Tensor, # its keys (the bits of |d|), held
+               thr:int, # the threshold key
+               cut:int, # flat index of the last tie at `thr` kept (`_tie_cuts`)
+               start:int # flat index of the chunk's first entry
+              ) -> torch.Tensor:
+    "`d` trimmed as `_chunk_mask` trims it, by a float threshold on the held |d|: a mask only in the one chunk where the kept ties end."
+    stop = start + d.numel()
+    if start <= cut < stop - 1 and thr > 0:   # some ties of this chunk kept, the rest dropped
+        flat = torch.arange(start, stop, device=d.device).view(d.shape)
+        return d * ((keys > thr) | ((keys == thr) & (flat <= cut)))
+    t = thr - 1 if cut >= stop - 1 and thr > 0 else thr   # every tie here kept (key >= thr), or none (key > thr); ties at 0 change nothing
+    return torch.copysign(torch.nn.functional.threshold(keys.view(torch.float32), struct.unpack('<f', struct.pack('<i', t))[0], 0.0), d)
+
 # %% ../nbs/09_streaming.ipynb #3f9a60be
 def _above(d:torch.Tensor, # one chunk of a task vector (float32)
            sel:list, # its selections (`_prepass_trim`)
@@ -384,6 +409,10 @@ def _merge_chunk(s:dict, v:list, state:dict,
             ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i], keep=k); continue
         sel = state['trim'][i] if state['trim'] else None
         if sel is None: continue
+        cut = (state.get('cuts') or {}).get(i)
+        if cut is not None and rows[0] is not None and d.dtype == torch.float32 and rows[1] > rows[0]:
+            start = rows[0] * (d.numel() // (rows[1] - rows[0]))
+            ds[i] = _held_trim(d, state['keys'][(i, 0)][rows[0]:rows[1]], sel[0][0], cut, start); continue
         kept_d = _above(d, sel, state['need'][i])
         if kept_d is not None: ds[i] = kept_d; continue
         held = state.get('keys')
@@ -404,6 +433,7 @@ def _prepare(s:dict, chunks, name:str,
     if s['spars'] in ('magnitude', 'magnitude_outliers'):
         state['trim'] = _prepass_trim(deltas, s['specs'], s['n'], s['compat'], name, kept=state['keys'])
         state['need'] = [None if sel is None else [[need for _, need in sel], s['specs'][i]] for i, sel in enumerate(state['trim'])]
+        if whole: state['cuts'] = _tie_cuts(state)
     if s['spars'] == 'random' and s['gp'].get('rescale', False) and s['gp'].get('rescale_mode', 'l1') == 'l1':
         masks = [] if whole else None
         state['sums'] = _dare_sums(deltas, s['per'], s['gens'], masks)

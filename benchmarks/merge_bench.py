@@ -7,8 +7,10 @@ work folder, then for the method asked times, each as a subprocess, one after th
 - `mergekit-yaml CONFIG OUT` (mergekit's own CLI, from `--mergekit-python`);
 - `vlm-merge merge CONFIG OUT` (this package's CLI).
 
+- `python -c "import torch"`: the start-up any torch-based tool pays before it reads a byte;
+
 and prints wall time, CPU time and peak RSS of each, the ratios mergekit / vlm-merge and
-vlm-merge / floor, the 1-minute load average at the start of each run (a busy machine
+vlm-merge / floor (and / floor + torch import), the 1-minute load average at the start of each run (a busy machine
 flatters whichever tool uses fewer threads: compare only figures taken at a load near zero),
 and how many output elements the two tools agree on bit for bit.
 
@@ -93,6 +95,7 @@ def bench_method(method: str, root: Path, a) -> dict:
         res[name] = best
         print(show(name, best), flush=True)
     timed('floor', floor_cmd([p / 'model.safetensors' for p in ins], root / 'floor.bin', n_params * item), None)
+    timed('torch', [a.vlm_merge_python, '-c', 'import torch'], None)   # start-up any torch-based tool pays before it reads a byte
     out_mk, out_vm = root / f'out_{method}_mk', root / f'out_{method}_vm'
     if not a.skip_mergekit:
         timed('mergekit', [a.mergekit_python, '-c', 'import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())',
@@ -101,18 +104,27 @@ def bench_method(method: str, root: Path, a) -> dict:
     timed('vlm-merge', [a.vlm_merge_python, '-m', 'vlm_merge.cli', 'merge', str(cfg_vm), str(out_vm),
                         '--shard-size', a.shard_size, '--no-progress', '--overwrite'], out_vm)
     vm, fl = res['vlm-merge'], res['floor']
-    line = f'{method}: vlm-merge / floor {vm["seconds"] / fl["seconds"]:.2f}x [target <= 2x]'
+    line = (f'{method}: vlm-merge / floor {vm["seconds"] / fl["seconds"]:.2f}x [target <= 2x]'
+            f' (/ floor + torch import {vm["seconds"] / (fl["seconds"] + res["torch"]["seconds"]):.2f}x)')
     if 'mergekit' in res:
         mk = res['mergekit']
         res['speedup'] = mk['seconds'] / vm['seconds']
         line += f'; mergekit / vlm-merge {res["speedup"]:.2f}x wall [target >= {5 if method == "ties" else 3}x]'
         c = compare_outputs(out_vm, out_mk)
         res['identical'] = c['identical'] / c['total']
+        trim_heap()   # the comparison's tensors: a forked child's ru_maxrss counts this process's RSS at the fork
         line += f'; identical elements {100 * res["identical"]:.3f}%'
     line += f'; peak RSS {vm["peak_rss"] / 2**30:.2f} GiB [target <= 1 GB]'
     print(line, flush=True)
     if not a.keep: shutil.rmtree(out_vm, ignore_errors=True); shutil.rmtree(out_mk, ignore_errors=True)
     return res
+
+def trim_heap():
+    "Give this process's freed heap back to the OS (children are forked from it and charged its RSS until they exec)."
+    import ctypes, gc
+    gc.collect()
+    try: ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError): pass
 
 def torch_numel(shape) -> int:
     n = 1

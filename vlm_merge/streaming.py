@@ -68,7 +68,8 @@ def _hi16(b:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/09_streaming.ipynb #908bc9f0
 def _radix_select_many(chunks, # callable -> iterator of lists of int32 tensors: per chunk, the non-negative keys of each selection
-                       ks:list # per selection: the rank from the top, 1 <= k <= number of keys
+                       ks:list, # per selection: the rank from the top, 1 <= k <= number of keys
+                       bucket:list|None=None # one chunk only: per selection, (flat indices, keys) of the entries in the threshold's bucket go here
                       ) -> list:
     "Per selection (the k-th largest key, how many keys are larger, how many equal it), all in the same two passes over the chunks."
     S = len(ks)
@@ -84,7 +85,9 @@ def _radix_select_many(chunks, # callable -> iterator of lists of int32 tensors:
     for keys in chunks():
         for s, b in enumerate(keys):
             b = b.reshape(-1)
-            h2[s] += torch.bincount(b[_hi16(b) == tops[s]] & 0xFFFF, minlength=1 << 16).cpu()
+            if bucket is None: inb = b[_hi16(b) == tops[s]]
+            else: at = (_hi16(b) == tops[s]).nonzero().view(-1); inb = b[at]; bucket.append((at, inb))   # what b[mask] does, keeping the indices
+            h2[s] += torch.bincount(inb & 0xFFFF, minlength=1 << 16).cpu()
     out = []
     for s in range(S):
         cum2 = h2[s].flip(0).cumsum(0)
@@ -219,9 +222,11 @@ def _prepass_trim(deltas, # callable -> iterator of each chunk's task vectors
     "Per model: None, or [(threshold key, ties still to keep), ...] per selection; compat: refuse a tie only mergekit's sort order settles."
     sels = [(i, j, sm, k) for i, sp in enumerate(specs) if sp for j, (sm, k) in enumerate(sp) if 0 < k < n]
     keys = lambda: ([_keys_of(ds[i], sm) for i, _, sm, _ in sels] for ds in deltas())
+    bucket = None
     if kept is not None and sels:
-        (ks,) = list(keys()); kept.update({(i, j): x for (i, j, _, _), x in zip(sels, ks)}); keys = lambda: iter([ks])
-    found = _radix_select_many(keys, [k for *_, k in sels]) if sels else []
+        (ks,) = list(keys()); kept.update({(i, j): x for (i, j, _, _), x in zip(sels, ks)}); keys = lambda: iter([ks]); bucket = []
+    found = _radix_select_many(keys, [k for *_, k in sels], bucket) if sels else []
+    if bucket: kept.update({(i, j, 'bucket'): x for (i, j, _, _), x in zip(sels, bucket)})   # for `_tie_cuts`
     res = {(i, j): f for (i, j, _, _), f in zip(sels, found)}
     out = []
     for i, sp in enumerate(specs):
@@ -280,7 +285,9 @@ def _tie_cuts(state:dict) -> dict:
     for i, sel in enumerate(state['trim'] or []):
         if sel is None or len(sel) != 1 or state['need'][i][1][0][0] or sel[0][0] in (None, -1) or (i, 0) not in state['keys']: continue
         thr, need = sel[0]
-        cuts[i] = -1 if need <= 0 else int((state['keys'][(i, 0)].reshape(-1) == thr).nonzero()[need - 1])
+        if need <= 0: cuts[i] = -1; continue
+        at, inb = state['keys'].get((i, 0, 'bucket'), (None, None))   # the threshold's bucket, from the radix select's second pass
+        cuts[i] = int(at[inb == thr][need - 1]) if at is not None else int((state['keys'][(i, 0)].reshape(-1) == thr).nonzero()[need - 1])
     return cuts
 
 # %% ../nbs/09_streaming.ipynb #8d3f5b62

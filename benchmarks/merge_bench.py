@@ -26,7 +26,7 @@ Measured on the issue's bench (374M, `--method all --repeat 3`, mergekit 0.1.5, 
 the bench's own runs; the table and the analysis are in nbs/09_streaming.ipynb, "Measured"):
 speed-up against mergekit linear 2.30x, task arithmetic 1.70x, TIES 5.07x, DARE-TIES 1.80x, slerp 2.53x;
 vlm-merge / floor 4.0-9.3x (the floor 1.1-1.7 s; importing torch alone takes 2.0-2.7 s, so "within 2x
-of the floor" is below what any torch-based tool can do); vlm-merge's own peak RSS 0.28-0.58 GiB with
+of the floor" is below what any torch-based tool can do); vlm-merge's own peak RSS 0.27-0.65 GiB with
 bf16 or float32 output, 5GB or 10GB shards. Before this round: linear 1.31x, task arithmetic 1.19x,
 TIES 2.50x, slerp 1.64x. The peak RSS printed for runs after the first comparison includes the bench
 process's own RSS (a forked child is charged it until it execs): use `--skip-mergekit` runs for RSS.

@@ -33,16 +33,17 @@ def test_streamed_equals_whole_tensor(method, gp, shape, n, chunk, levels):
     ps = [{'weight': 0.3 + j / 5, 'density': 0.3 + j / 10, 'gamma': 0.05} for j in range(n)]
     ins, base = (xs, None) if method == 'linear' else ([b] + xs, b)
     want = merge_tensors(method, base, xs, ps, dict(gp, tensor_name='t'), seed=11).bfloat16()
-    for c in (chunk, 1 << 20):
-        got = stream_tensor(ins, method, ps, gp, torch.bfloat16, chunk=c, seed=11, name='t')
-        assert torch.equal(got, want), (method, c)
+    for c, cache in ((chunk, 0), (1 << 20, 0), (chunk, 1 << 20)):   # cache 0: every pass reads the inputs again; else held in memory
+        got = stream_tensor(ins, method, ps, gp, torch.bfloat16, chunk=c, seed=11, name='t', cache=cache)
+        assert torch.equal(got, want), (method, c, cache)
 
 @pytest.mark.parametrize('method,ps,gp', [('slerp', [{}], {'t': 0.35}), ('dare_ties', [{'weight': 1.0, 'density': 0.4}], {}),
                                           ('dare_linear', [{'weight': 0.7, 'density': 0.6}], {'rescale': True})])
 def test_streamed_reductions_chunk_independent(method, ps, gp):
     "slerp and DARE's L1 rescale reduce in float64: the same output for every chunking, within 1 bf16 ulp of merge_tensors."
     b, (x,) = _inputs((61, 23), 1, seed=3)
-    outs = [stream_tensor([b, x], method, ps, gp, torch.bfloat16, chunk=c, seed=2, name='t') for c in (23, 100, 1 << 20)]
+    outs = [stream_tensor([b, x], method, ps, gp, torch.bfloat16, chunk=c, seed=2, name='t', cache=cache)
+            for c in (23, 100, 1 << 20) for cache in (0, 1 << 20)]
     for o in outs[1:]: assert torch.equal(o, outs[0])
     want = merge_tensors(method, b, [x], ps, dict(gp, tensor_name='t'), seed=2).bfloat16()
     assert (outs[0].view(torch.int16).int() - want.view(torch.int16).int()).abs().max() <= 1
@@ -158,3 +159,95 @@ def test_mergekit_compat_is_element_exact_against_mergekit(tmp_path, method):
     ours = _cli_merge({**cfg, 'parameters': {'mergekit_compat': True}}, tmp_path / 'ours')
     for k in base:
         assert torch.equal(ours[k], mk[k]), (method, k, int((ours[k] != mk[k]).sum()))
+
+# ---------------------------------------------------------------- speed paths: the same bits, the same refusals
+def _tail_cases(n_cases=120):
+    "Task vectors with zeros, negative zeros, ties in sign, zero and cancelling weights (the corners of the float-only tails)."
+    g = torch.Generator().manual_seed(7)
+    for t in range(n_cases):
+        N, sh = 1 + t % 4, (1 + t % 9, 3 + t % 5)
+        base = torch.randn(sh, generator=g)
+        if t % 4 == 3: base = torch.where(torch.rand(sh, generator=g) < 0.3, torch.full(sh, -0.0), base)
+        ds = []
+        for _ in range(N):
+            d = torch.randint(-2, 3, sh, generator=g).float() * 0.25 if t % 4 == 3 else torch.randn(sh, generator=g) * 0.01
+            d = torch.where(torch.rand(sh, generator=g) < 0.3, torch.zeros(sh), d)
+            ds.append(torch.where(torch.rand(sh, generator=g) < 0.3, torch.full(sh, -0.0), d))
+        ws = (torch.rand(N, generator=g) * 2 - (0.5 if t % 5 == 0 else 0)).tolist()
+        if t % 7 == 0 and N > 1: ws[1] = -ws[0]
+        if t % 11 == 0: ws[0] = 0.0
+        yield base, ds, [{'weight': w} for w in ws]
+
+def _stacked_gta(base, ds, per, gp, consensus):
+    "methods.generalized_task_arithmetic's tail as written there (stacked tensors), the reference."
+    wd = torch.stack(ds) * torch.tensor([p['weight'] for p in per]).view(-1, *([1] * base.dim()))
+    w = torch.tensor([p['weight'] for p in per]).view(-1, *([1] * base.dim()))
+    if consensus:
+        mask = (wd.sign() == (wd.sum(dim=0) >= 0).float() * 2 - 1).float()
+        mixed, div = (wd * mask).sum(dim=0), (w * mask).sum(dim=0); div[div == 0] = 1
+    else:
+        mixed, div = wd.sum(dim=0), w.sum(dim=0); div[div.abs() < 1e-8] = 1
+    if gp.get('normalize'): mixed = mixed / div
+    if gp.get('lambda', 1.0) != 1.0: mixed = mixed * gp['lambda']
+    return base + mixed
+
+def test_float_only_tails_are_bit_for_bit_the_stacked_ones():
+    "The TIES sign election without boolean tensors, and the sums without stacked copies: every bit (signed zeros included) as before."
+    from vlm_merge.streaming import _ties_tail, _sum_tail, _linear_chunk
+    from vlm_merge.methods import linear
+    bits = lambda t: t.view(torch.int32)
+    for base, ds, per in _tail_cases():
+        for gp in ({'normalize': True}, {'normalize': False}, {'normalize': True, 'lambda': 0.7}, {'lambda': -1.3}):
+            assert torch.equal(bits(_ties_tail(base, [d.clone() for d in ds], per, gp)), bits(_stacked_gta(base, ds, per, gp, True)))
+            assert torch.equal(bits(_sum_tail(base, ds, per, gp)), bits(_stacked_gta(base, ds, per, gp, False)))
+            if abs(sum(p['weight'] for p in per)) > 1e-3 or not gp.get('normalize'):
+                assert torch.equal(bits(_linear_chunk(ds, per, gp)), bits(linear(None, ds, per, gp, 0, None)))
+
+@pytest.mark.parametrize('method', ['linear', 'task_arithmetic', 'ties', 'slerp'])
+@pytest.mark.parametrize('cache', [0, 1 << 20])
+@pytest.mark.parametrize('same', [False, True])
+def test_nan_input_refused_naming_the_input(method, cache, same):
+    "A NaN in an input is refused naming that input, whether checked as read (trims, slerp) or when the output is not finite (linear, task arithmetic); identical inputs too."
+    from vlm_merge.merge_config import MergeRefused
+    b = torch.randn(6, 5).bfloat16(); x = b.clone(); x[2, 3] = float('nan')
+    per = {'linear': [{'weight': 1.0}] * 3, 'task_arithmetic': [{'weight': 0.5}] * 2, 'ties': [{'weight': 0.5, 'density': 0.5}] * 2, 'slerp': [{}]}[method]
+    ins = [x, x.clone(), x.clone()] if same else [b, x, b]
+    ins = ins[:2] if method == 'slerp' else ins
+    with pytest.raises(MergeRefused, match=rf'NaN/Inf in input: 1 non-finite value\(s\) in t \(input {0 if same else 1}\)'):
+        stream_tensor(ins, method, per, {'t': 0.3} if method == 'slerp' else {}, torch.bfloat16, chunk=8, cache=cache, name='t')
+
+def test_a_llama_merge_imports_no_transformers(tmp_path):
+    "Start-up: a merge of Llama checkpoints never imports transformers (seconds of every command); its output is complete."
+    (base_p, f1, f2), base, fts = _compat_models(tmp_path)
+    cfg = {'merge_method': 'ties', 'base_model': str(base_p), 'dtype': 'bfloat16',
+           'models': [{'model': str(p), 'parameters': {'weight': 0.5, 'density': 0.5}} for p in (f1, f2)]}
+    (tmp_path / 'cfg.json').write_text(json.dumps(cfg))
+    res = _child_peak(f'''
+        import sys
+        from vlm_merge.engine import merge_cli
+        rc = merge_cli([{str(tmp_path / 'cfg.json')!r}, {str(tmp_path / 'out')!r}, '--no-progress'])
+        print(json.dumps({{'rc': rc, 'transformers': any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules)}}))''')
+    assert res == {'rc': 0, 'transformers': False}
+    assert set(load_file(str(tmp_path / 'out' / 'model.safetensors'))) == set(base)
+
+def test_sizes_read_off_the_config_are_head_geometrys():
+    "The architecture check reads the sizes off a config that states them (no transformers); they are what head_geometry (with transformers' defaults) gives."
+    from vlm_merge.plan import _stated_geometry
+    from vlm_merge.anatomy import head_geometry
+    llama = {'model_type': 'llama', 'hidden_size': 96, 'intermediate_size': 160, 'num_hidden_layers': 3, 'num_attention_heads': 6}
+    qwen2 = {'model_type': 'qwen2', 'hidden_size': 192, 'intermediate_size': 320, 'num_hidden_layers': 3, 'num_attention_heads': 6,
+             'num_key_value_heads': 2, 'head_dim': 32}
+    gemma = {'model_type': 'gemma', 'hidden_size': 96, 'intermediate_size': 160, 'num_hidden_layers': 3, 'num_attention_heads': 6}
+    for cfg in (llama, {**llama, 'num_key_value_heads': 2}, qwen2, {'model_type': 'llava', 'text_config': qwen2, 'vision_config': {}}):
+        g = head_geometry(cfg)
+        assert _stated_geometry(cfg) == dict(hidden_size=g.hidden_size, n_layers=g.n_layers, n_heads=g.n_heads, n_kv_heads=g.n_kv_heads,
+                                             head_dim=g.head_dim, intermediate_size=g.intermediate_size), cfg
+    assert _stated_geometry(gemma) is None   # a default only transformers knows (gemma's head_dim): asked there
+    assert _stated_geometry({**qwen2, 'num_key_value_heads': 4}) is None   # 6 heads in 4 groups: not a geometry
+
+def test_text_model_types_are_not_vlms():
+    "is_vlm_config answers text LLM types without importing transformers; none of them is an image-text-to-text type there."
+    from vlm_merge.model_card import _TEXT_TYPES, is_vlm_config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as vlm_types
+    assert not _TEXT_TYPES & set(vlm_types)
+    assert not is_vlm_config({'model_type': 'llama'}) and is_vlm_config({'model_type': 'llama', 'vision_config': {}})

@@ -21,10 +21,11 @@ from .merge_config import _base_methods
 from .plan import *
 from .plan import _family, _canon_keys, _match_key
 from .streaming import *
-from .streaming import _finite, _not_streamed, _row_ranges, _Whole
+from .streaming import _finite, _not_streamed, _row_ranges, _Whole, CACHE_ELEMENTS
 
 # %% auto #0
-__all__ = ['COPY_CHUNK', 'merge_item', 'write_item', 'card_text', 'run_merge', 'merge_cli', 'calibration_data', 'input_hessians']
+__all__ = ['COPY_CHUNK', 'HELD_BYTES', 'merge_item', 'write_item', 'card_text', 'run_merge', 'merge_cli', 'calibration_data',
+           'input_hessians']
 
 # %% ../nbs/09_engine.ipynb #8e1cb072
 def merge_item(plan:MergePlan, # the plan
@@ -111,7 +112,8 @@ def write_item(plan:MergePlan, # the plan
                device:str='cpu', # where the arithmetic runs
                seed:int|None=0, # run seed
                out_dtype:torch.dtype|None=None, # output dtype (None: the output model's)
-               chunk:int=CHUNK_ELEMENTS # elements per chunk of the kernels
+               chunk:int=CHUNK_ELEMENTS, # elements per chunk of the kernels
+               cache:int=CACHE_ELEMENTS # tensors up to this many elements are held in memory for their passes (`stream_merge`)
               ) -> str:
     "Copy or merge one output tensor into `w` a chunk at a time; returns 'copy', 'stream', or why it was merged whole."
     cfg, R, dt = plan.config, plan.readers, _item_dtype(plan, it, out_dtype)
@@ -131,7 +133,7 @@ def write_item(plan:MergePlan, # the plan
         get = lambda i, a, b: R[refs[i][0]].read_rows(refs[i][1], a, b).to(device)
         try:
             stream_merge(get, shape, cfg.merge_method, per, glob, dt, put, name=it.out_key, labels=[f'{k} of {r}' for r, k in refs],
-                         chunk=chunk if torch.device(device).type == 'cpu' else 1 << 24, seed=tensor_seed(seed, it.out_key))
+                         chunk=chunk if torch.device(device).type == 'cpu' else 1 << 24, seed=tensor_seed(seed, it.out_key), cache=cache)
         except _Whole as e: why = str(e)
         else:
             for a, b in ([] if it.rows is None else _row_ranges((it.shape[0] - it.rows,) + tuple(it.shape[1:]), COPY_CHUNK)):
@@ -141,16 +143,19 @@ def write_item(plan:MergePlan, # the plan
     return why
 
 # %% ../nbs/09_engine.ipynb #98ee7be8
+HELD_BYTES = 1 << 29   # memory all workers together may hold whole tensors in (each worker: HELD_BYTES / workers)
+
 def _run_items(plan:MergePlan, w, device:str, seed:int|None, out_dtype:torch.dtype|None, workers:int, progress:bool) -> Counter:
     "Write every item of the plan into reserved writer `w` with `workers` threads; {'copy'|'stream'|reason: count}."
     how, items = Counter(), plan.items if workers <= 1 else sorted(plan.items, key=lambda it: -math.prod(it.shape))   # largest first: no long tail
+    cache = min(CACHE_ELEMENTS, HELD_BYTES // (32 * max(1, workers)))   # a held tensor costs ~32 bytes an element (TIES): memory stays flat with many cores
     bar = tqdm(total=len(items), desc=f'merge ({plan.config.merge_method})', unit='tensor', disable=not progress)
     try:
         if workers <= 1:
-            for it in items: how[write_item(plan, it, w, device, seed, out_dtype)] += 1; bar.update()
+            for it in items: how[write_item(plan, it, w, device, seed, out_dtype, cache=cache)] += 1; bar.update()
             return how
         with ThreadPoolExecutor(workers) as ex:
-            futs = [ex.submit(write_item, plan, it, w, device, seed, out_dtype) for it in items]
+            futs = [ex.submit(write_item, plan, it, w, device, seed, out_dtype, cache=cache) for it in items]
             try:
                 for f in as_completed(futs): how[f.result()] += 1; bar.update()
             except BaseException:
@@ -187,6 +192,16 @@ def _one_arena():
     except (OSError, AttributeError): pass
 
 _one_arena()   # at import, before any thread has a heap of its own (later it no longer takes)
+
+# %% ../nbs/09_engine.ipynb #e4b19c27
+def _heap_temporaries(limit:int=1 << 28 # largest allocation served from the heap (bytes)
+                     ):
+    "Serve temporaries up to `limit` bytes from the heap and keep freed memory there (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): no page faults per temporary; a no-op off glibc."
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, limit); libc.mallopt(-1, 2 * limit)   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError): pass
 
 # %% ../nbs/09_engine.ipynb #b94bc020
 def _out_config(plan:MergePlan, dt:torch.dtype|None) -> dict:
@@ -270,6 +285,7 @@ def merge_cli(argv:list|None=None # arguments after `vlm-merge merge`
     from vlm_merge.cli import parse_args
     a = parse_args('merge', argv)
     t0 = time.perf_counter()
+    _heap_temporaries()   # the command's process only: a library caller's malloc settings stay its own
     try:
         out = run_merge(a.config, a.out_dir, device=a.device, shard_size=a.shard_size, seed=a.seed, overwrite=a.overwrite,
                         allow_mismatched_architectures=a.allow_mismatched_architectures, progress=not a.no_progress,

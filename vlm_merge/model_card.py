@@ -99,6 +99,11 @@ def _as_dict(obj) -> dict:
     if dataclasses.is_dataclass(obj): return dataclasses.asdict(obj)
     raise TypeError(f'expected a config dict, a PretrainedConfig or a dataclass, got {type(obj).__name__}')
 
+# %% ../nbs/14a_model_card.ipynb #c3e8a1d0
+_TEXT_TYPES = frozenset({'llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe', 'gemma', 'gemma2', 'gemma3_text', 'phi',
+                         'phi3', 'gpt2', 'gpt_neox', 'gptj', 'falcon', 'starcoder2', 'olmo', 'olmo2', 'stablelm', 'bloom', 'opt',
+                         'internlm2', 'deepseek_v2', 'deepseek_v3', 'cohere', 'granite'})   # model types of text LLMs only (none is an image-text-to-text type)
+
 # %% ../nbs/14a_model_card.ipynb #07a26759
 def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfig
                  ) -> bool:
@@ -108,6 +113,7 @@ def is_vlm_config(config # a model config: dict (config.json) or PretrainedConfi
     archs = cfg.get('architectures') or []
     if any(('ImageTextToText' in a) or ('Vision2Seq' in a) for a in archs): return True
     mt = cfg.get('model_type')
+    if mt in _TEXT_TYPES: return False   # text LLMs: no transformers import (seconds of every merge's start-up)
     if mt:
         try:
             from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as _M

@@ -78,10 +78,25 @@ def _text_type(cfg:dict) -> str|None:
     t = _text_cfg(cfg).get('model_type', cfg.get('model_type'))
     return re.sub(r'(_\d+)?_vl(_text)?$', '', t) if isinstance(t, str) else t
 
+# %% ../nbs/09_plan.ipynb #6b0e2f91
+_GEOM_KEYS = {'hidden_size': 'hidden_size', 'n_layers': 'num_hidden_layers', 'n_heads': 'num_attention_heads',
+              'n_kv_heads': 'num_key_value_heads', 'head_dim': 'head_dim', 'intermediate_size': 'intermediate_size'}
+
+def _stated_geometry(cfg:dict) -> dict|None:
+    "The sizes `head_geometry` gives, when the (text) config states them all (Llama: kv heads and head_dim have plain defaults); None: ask transformers."
+    tc = next((cfg[k] for k in ('text_config', 'llm_config') if isinstance(cfg.get(k), dict)), cfg)
+    g = {k: tc.get(v) for k, v in _GEOM_KEYS.items()}
+    if tc.get('model_type') == 'llama' and isinstance(g['n_heads'], int) and isinstance(g['hidden_size'], int) and g['n_heads'] > 0:
+        g['n_kv_heads'] = g['n_kv_heads'] or g['n_heads']; g['head_dim'] = g['head_dim'] or g['hidden_size'] // g['n_heads']
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in g.values()) or g['n_heads'] % g['n_kv_heads']: return None
+    return g
+
 # %% ../nbs/09_plan.ipynb #9a11a4cc
 def _signature(cfg:dict) -> dict:
     "What must agree between models whose language models are merged."
     sig = {'text_model_type': _text_type(cfg)}
+    stated = _stated_geometry(cfg)   # read off the config: no transformers import (seconds of every merge's start-up)
+    if stated is not None: return {**sig, **stated}
     try:
         g = head_geometry(cfg)
         sig.update(hidden_size=g.hidden_size, n_layers=g.n_layers, n_heads=g.n_heads, n_kv_heads=g.n_kv_heads,

@@ -4,14 +4,15 @@
 
 # %% ../nbs/09_streaming.ipynb #d3725aa5
 from __future__ import annotations
-import math, sys, zlib
+import math, struct, sys, zlib
 import torch
 from .methods import MERGE_METHODS, chunk_topk_mask, _stable_seed, _resolve_dtype
 from .merge_config import MergeConfig, MergeRefused
 from .plan import PlanItem
 
 # %% auto #0
-__all__ = ['CHUNK_ELEMENTS', 'STREAMED', 'tensor_seed', 'stream_merge', 'stream_tensor', 'stream_task_arithmetic']
+__all__ = ['CHUNK_ELEMENTS', 'CACHE_ELEMENTS', 'STREAMED', 'tensor_seed', 'stream_merge', 'stream_tensor',
+           'stream_task_arithmetic']
 
 # %% ../nbs/09_streaming.ipynb #0dc5bc18
 def _finite(t:torch.Tensor, what:str, fast:bool=False):
@@ -29,6 +30,7 @@ def tensor_seed(seed:int|None, key:str) -> int|None:
 
 # %% ../nbs/09_streaming.ipynb #6d6c16a9
 CHUNK_ELEMENTS = 1 << 16   # elements per chunk of the streaming kernels (256 kB in float32: the temporaries stay in cache)
+CACHE_ELEMENTS = 1 << 22   # a tensor up to this size is read once; every pass then works on the copy in memory
 
 # %% ../nbs/09_streaming.ipynb #8f2b7e44
 def _row_ranges(shape:tuple, # tensor shape
@@ -66,7 +68,8 @@ def _hi16(b:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/09_streaming.ipynb #908bc9f0
 def _radix_select_many(chunks, # callable -> iterator of lists of int32 tensors: per chunk, the non-negative keys of each selection
-                       ks:list # per selection: the rank from the top, 1 <= k <= number of keys
+                       ks:list, # per selection: the rank from the top, 1 <= k <= number of keys
+                       bucket:list|None=None # one chunk only: per selection, (flat indices, keys) of the entries in the threshold's bucket go here
                       ) -> list:
     "Per selection (the k-th largest key, how many keys are larger, how many equal it), all in the same two passes over the chunks."
     S = len(ks)
@@ -82,7 +85,9 @@ def _radix_select_many(chunks, # callable -> iterator of lists of int32 tensors:
     for keys in chunks():
         for s, b in enumerate(keys):
             b = b.reshape(-1)
-            h2[s] += torch.bincount(b[_hi16(b) == tops[s]] & 0xFFFF, minlength=1 << 16).cpu()
+            if bucket is None: inb = b[_hi16(b) == tops[s]]
+            else: at = (_hi16(b) == tops[s]).nonzero().view(-1); inb = b[at]; bucket.append((at, inb))   # what b[mask] does, keeping the indices
+            h2[s] += torch.bincount(inb & 0xFFFF, minlength=1 << 16).cpu()
     out = []
     for s in range(S):
         cum2 = h2[s].flip(0).cumsum(0)
@@ -120,6 +125,58 @@ def _trim_specs(sparsification:str|None, per:list, n:int) -> list:
         out.append([(True, n_bot), (True, n - n_top)])   # keep: not among the n_bot smallest, among the n - n_top smallest
     return out
 
+# %% ../nbs/09_streaming.ipynb #7c41d2e9
+def _ties_tail(base:torch.Tensor, # base chunk (float32)
+               deltas:list, # each model's trimmed task vector of the chunk (float32)
+               per:list, gp:dict) -> torch.Tensor:
+    "`_gta_tail` with TIES' sign election in float32: float arithmetic only (boolean tensors are slow on the CPU), bit for bit the same."
+    w = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32).tolist()   # the weights as float32 values
+    wd = [d * wi for d, wi in zip(deltas, w)]
+    total = wd[0].sign() if len(wd) == 1 else sum(wd[2:], wd[0] + wd[1]).sign_()   # only the sign of torch's sum is used
+    maj = total.add_(0.5).sign_()                               # +1 where the sum is >= 0 (zeros included), else -1
+    agree = [x.sign().mul_(maj).clamp_(min=0) for x in wd]      # 1 where sign(x) == majority, else 0 (zeros never agree)
+    mixed = wd[0].mul_(agree[0])
+    for a, x in zip(agree[1:], wd[1:]): mixed = mixed.add_(x.mul_(a))
+    mixed = mixed.add_(0.0)                                     # torch's sum starts from +0: an all-zero sum is +0
+    if gp.get('normalize', False):
+        div = agree[0].mul_(w[0])
+        for a, wi in zip(agree[1:], w[1:]): div = div.add_(a.mul_(wi))
+        mixed = mixed.div_(div.add_(div.abs().sign_().neg_().add_(1.0)))   # an empty sum (0) divides by 1
+    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
+    if lam != 1.0: mixed = mixed.mul_(lam)
+    return base + mixed
+
+# %% ../nbs/09_streaming.ipynb #a5c8e311
+def _weighted_sum(xs:list, # float32 chunks
+                  w:list # their weights (float32 values)
+                 ) -> torch.Tensor:
+    "sum_i w_i * x_i as torch sums a stacked tensor over its first dimension (in order, from +0), without the stacked copy."
+    acc = xs[0] * w[0]
+    for x, wi in zip(xs[1:], w[1:]): acc = acc.add_(x * wi)
+    return acc.add_(0.0)   # from +0: a sum of zeros is +0
+
+# %% ../nbs/09_streaming.ipynb #b7d2f4a6
+def _sum_tail(base:torch.Tensor, # base chunk (float32)
+              deltas:list, # each model's (trimmed) task vector of the chunk (float32)
+              per:list, gp:dict) -> torch.Tensor:
+    "`_gta_tail` without a sign election, in float32, without stacked copies: bit for bit the same."
+    wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
+    mixed = _weighted_sum(deltas, wt.tolist())
+    if gp.get('normalize', False):
+        div = wt.sum(dim=0)
+        mixed = mixed.div_(1.0 if abs(float(div)) < 1e-8 else float(div))
+    lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
+    if lam != 1.0: mixed = mixed.mul_(lam)
+    return base + mixed
+
+# %% ../nbs/09_streaming.ipynb #c2e9a7f5
+def _linear_chunk(v:list, # the models' chunks (float32)
+                  per:list, gp:dict) -> torch.Tensor:
+    "`methods.linear` of float32 chunks without the stacked copy, bit for bit the same."
+    wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
+    res = _weighted_sum(v, wt.tolist())
+    return res.div_(float(wt.sum(dim=0))) if gp.get('normalize', True) else res
+
 # %% ../nbs/09_streaming.ipynb #8edc79d8
 def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
               deltas:list, # each model's trimmed task vector of the chunk
@@ -128,6 +185,7 @@ def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
               consensus:str|None # 'sum' (TIES' sign election) or None
              ) -> torch.Tensor:
     "The merged chunk, as `methods.generalized_task_arithmetic` computes it from trimmed deltas."
+    if base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp) if consensus else _sum_tail(base, deltas, per, gp)
     deltas = torch.stack(deltas, dim=0)
     weights = torch.tensor([float(p['weight']) for p in per], dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
     wd = deltas * weights
@@ -148,21 +206,27 @@ def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
 def _reductions(rows:torch.Tensor, # float32 chunk, rows first
                ) -> torch.Tensor:
     "float64 sum of each row (a 1-d tensor or scalar: one row)."
-    x = rows.double()
-    return x.reshape(1, -1).sum(dim=1) if x.dim() < 2 else x.reshape(x.shape[0], -1).sum(dim=1)
+    x = rows.reshape(1, -1) if rows.dim() < 2 else rows.reshape(rows.shape[0], -1)
+    return torch.sum(x, dim=1, dtype=torch.float64)   # = x.double().sum(dim=1), without the float64 copy
 
 # %% ../nbs/09_streaming.ipynb #2dd532e7
 def _fsum(parts:list) -> float:
-    "Exactly rounded sum of float64 tensors' entries (order-independent)."
-    return math.fsum(v for p in parts for v in p.tolist())
+    "Exactly rounded sum of the entries of float64 tensors or lists of floats (order-independent)."
+    return math.fsum(v for p in parts for v in (p.tolist() if isinstance(p, torch.Tensor) else p))
 
 # %% ../nbs/09_streaming.ipynb #d7006074
 def _prepass_trim(deltas, # callable -> iterator of each chunk's task vectors
-                  specs:list, n:int, compat:bool, name:str) -> list:
+                  specs:list, n:int, compat:bool, name:str,
+                  kept:dict|None=None # a tensor held in memory: its keys computed once, and left here by (model, selection)
+                 ) -> list:
     "Per model: None, or [(threshold key, ties still to keep), ...] per selection; compat: refuse a tie only mergekit's sort order settles."
     sels = [(i, j, sm, k) for i, sp in enumerate(specs) if sp for j, (sm, k) in enumerate(sp) if 0 < k < n]
-    found = _radix_select_many(lambda: ([_keys_of(ds[i], sm) for i, _, sm, _ in sels] for ds in deltas()),
-                               [k for *_, k in sels]) if sels else []
+    keys = lambda: ([_keys_of(ds[i], sm) for i, _, sm, _ in sels] for ds in deltas())
+    bucket = None
+    if kept is not None and sels:
+        (ks,) = list(keys()); kept.update({(i, j): x for (i, j, _, _), x in zip(sels, ks)}); keys = lambda: iter([ks]); bucket = []
+    found = _radix_select_many(keys, [k for *_, k in sels], bucket) if sels else []
+    if bucket: kept.update({(i, j, 'bucket'): x for (i, j, _, _), x in zip(sels, bucket)})   # for `_tie_cuts`
     res = {(i, j): f for (i, j, _, _), f in zip(sels, found)}
     out = []
     for i, sp in enumerate(specs):
@@ -184,13 +248,16 @@ class _Whole(Exception):
     "This tensor needs the whole-tensor path (mergekit_compat: a tie that only mergekit's sort order settles)."
 
 # %% ../nbs/09_streaming.ipynb #dceea685
-def _chunk_mask(d:torch.Tensor, sel:list, state:list) -> torch.Tensor|None:
+def _chunk_mask(d:torch.Tensor, sel:list, state:list,
+                keys:list|None=None # per selection: the chunk's keys, computed already (None: from `d`)
+               ) -> torch.Tensor|None:
     "The keep-mask of one chunk of a task vector for its selections (`state`: ties still to keep, updated); None keeps all."
     masks = []
     for j, (smallest, (thr, _)) in enumerate(zip([s for s, _ in state[1]], sel)):
         if thr is None: masks.append(torch.zeros(d.shape, dtype=torch.bool, device=d.device)); continue
         if thr == -1: masks.append(torch.ones(d.shape, dtype=torch.bool, device=d.device)); continue
-        m, state[0][j] = _topk_chunk(_keys_of(d, smallest), thr, state[0][j])
+        k = keys[j] if keys is not None and keys[j] is not None else _keys_of(d, smallest)
+        m, state[0][j] = _topk_chunk(k.view(d.shape), thr, state[0][j])
         masks.append(m)
     if len(masks) == 1: return masks[0]
     return ~masks[0] & masks[1]
@@ -211,17 +278,60 @@ def _topk_chunk(keys:torch.Tensor, # int32 keys of one chunk
         return mask | take.view(mask.shape), 0
     return mask, need
 
+# %% ../nbs/09_streaming.ipynb #4c7e2d19
+def _tie_cuts(state:dict) -> dict:
+    "Per model with one magnitude trim of a held tensor: the flat index of the last tie at the threshold it keeps (-1: none)."
+    cuts = {}
+    for i, sel in enumerate(state['trim'] or []):
+        if sel is None or len(sel) != 1 or state['need'][i][1][0][0] or sel[0][0] in (None, -1) or (i, 0) not in state['keys']: continue
+        thr, need = sel[0]
+        if need <= 0: cuts[i] = -1; continue
+        at, inb = state['keys'].get((i, 0, 'bucket'), (None, None))   # the threshold's bucket, from the radix select's second pass
+        cuts[i] = int(at[inb == thr][need - 1]) if at is not None else int((state['keys'][(i, 0)].reshape(-1) == thr).nonzero()[need - 1])
+    return cuts
+
+# %% ../nbs/09_streaming.ipynb #8d3f5b62
+def _held_trim(d:torch.Tensor, # one chunk of a held task vector (float32)
+               keys:torch.Tensor, # its keys (the bits of |d|), held
+               thr:int, # the threshold key
+               cut:int, # flat index of the last tie at `thr` kept (`_tie_cuts`)
+               start:int # flat index of the chunk's first entry
+              ) -> torch.Tensor:
+    "`d` trimmed as `_chunk_mask` trims it, by a float threshold on the held |d|: a mask only in the one chunk where the kept ties end."
+    stop = start + d.numel()
+    if start <= cut < stop - 1 and thr > 0:   # some ties of this chunk kept, the rest dropped
+        flat = torch.arange(start, stop, device=d.device).view(d.shape)
+        return d * ((keys > thr) | ((keys == thr) & (flat <= cut)))
+    t = thr - 1 if cut >= stop - 1 and thr > 0 else thr   # every tie here kept (key >= thr), or none (key > thr); ties at 0 change nothing
+    return torch.copysign(torch.nn.functional.threshold(keys.view(torch.float32), struct.unpack('<f', struct.pack('<i', t))[0], 0.0), d)
+
+# %% ../nbs/09_streaming.ipynb #3f9a60be
+def _above(d:torch.Tensor, # one chunk of a task vector (float32)
+           sel:list, # its selections (`_prepass_trim`)
+           state:list # ties still to keep, per selection
+          ) -> torch.Tensor|None:
+    "`d` with the entries at or below a magnitude trim's threshold zeroed, in float arithmetic (no boolean tensors); None: no such trim, or ties still to take."
+    if d.dtype != torch.float32 or len(sel) != 1 or state[1][0][0] or state[0][0] > 0 or sel[0][0] in (None, -1): return None
+    t = struct.unpack('<f', struct.pack('<i', sel[0][0]))[0]   # the threshold key as the float it orders (|d| > t  <=>  key > thr)
+    return torch.copysign(torch.nn.functional.threshold(d.abs(), t, 0.0), d)
+
 # %% ../nbs/09_streaming.ipynb #3cfdf739
-def _dare_sums(chunks, per:list, gens) -> list:
+def _dare_sums(chunks, per:list, gens,
+               masks:list|None=None # when a list: each model's drawn keep-masks are appended to it (drawn once, used again)
+              ) -> list:
     "L1 norms (float64) of each task vector and of its DARE-dropped self, drawing the drop from `gens()` (fresh generators)."
     before, after = [[] for _ in per], [[] for _ in per]
     g = gens()
     for ds in chunks():
+        ks = []
         for i, (d, p) in enumerate(zip(ds, per)):
             dens = float(p.get('density', 1.0))
-            if dens >= 1 or dens <= 0: continue
+            if dens >= 1 or dens <= 0: ks.append(None); continue
             keep = torch.rand(d.shape, generator=g[i], device=d.device, dtype=torch.float32) < dens
-            before[i].append(_reductions(d.abs().float())); after[i].append(_reductions((d * keep.to(d.dtype)).abs().float()))
+            before[i].append(_reductions(d.abs().float()).tolist())   # floats, not small tensors: kept tensors would pin the heap
+            after[i].append(_reductions((d * keep.to(d.dtype)).abs().float()).tolist())
+            ks.append(keep)
+        if masks is not None: masks.append(ks)
     return [(_fsum(b), _fsum(a)) for b, a in zip(before, after)]
 
 # %% ../nbs/09_streaming.ipynb #34c5dc38
@@ -259,12 +369,14 @@ def _refuse_empty(s:dict, name:str):
             raise MergeRefused(f"{name}: density {float(p['density'])} keeps no entry of a tensor of {s['n']} elements")
 
 # %% ../nbs/09_streaming.ipynb #60d8d4ce
-def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|None) -> torch.Tensor:
+def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|None,
+                keep:torch.Tensor|None=None # the chunk's keep-mask, drawn already (None: drawn here from `g`)
+               ) -> torch.Tensor:
     "One chunk of a DARE-dropped (and rescaled) task vector, as `methods.sparsify(method='random')` computes it."
     dens = float(p.get('density', 1.0))
     if dens >= 1: return d
     if dens <= 0: return torch.zeros_like(d)
-    keep = torch.rand(d.shape, generator=g, device=d.device, dtype=torch.float32) < dens
+    if keep is None: keep = torch.rand(d.shape, generator=g, device=d.device, dtype=torch.float32) < dens
     masked = d * keep.to(d.dtype)
     if not gp.get('rescale', False): return masked
     if gp.get('rescale_mode', 'l1') != 'l1': return masked / dens
@@ -283,38 +395,61 @@ def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype
     return out.to(v[0].dtype)
 
 # %% ../nbs/09_streaming.ipynb #f2593ec6
-def _merge_chunk(s:dict, v:list, state:dict) -> torch.Tensor:
+def _merge_chunk(s:dict, v:list, state:dict,
+                 ds:list|None=None, # the chunk's task vectors, computed already (None: from `v`)
+                 rows:tuple=(None, None) # the chunk's rows in the tensor (to slice masks kept by the pre-pass)
+                ) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
-    if method == 'linear': return _mergekit_linear(v, s['per'], s['gp']) if s['compat'] else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
+    if method == 'linear':
+        if s['compat']: return _mergekit_linear(v, s['per'], s['gp'])
+        return _linear_chunk(v, s['per'], s['gp']) if v[0].dtype == torch.float32 else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
     if method == 'slerp':
         c, t = state['coefs'], float(s['gp']['t'])
         if c is None: return (1 - t) * v[0] + t * v[1]
         return c[0] * v[0] + c[1] * v[1]
-    base, ds = v[0], [x - v[0] for x in v[1:]]
+    base, ds = v[0], ([x - v[0] for x in v[1:]] if ds is None else list(ds))
+    kept = state.get('masks')
     for i, d in enumerate(ds):
-        if s['spars'] == 'random': ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i]); continue
+        if s['spars'] == 'random':
+            k = None if kept is None or kept[i] is None else (kept[i] if rows[0] is None else kept[i][rows[0]:rows[1]])
+            ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i], keep=k); continue
         sel = state['trim'][i] if state['trim'] else None
         if sel is None: continue
-        mask = _chunk_mask(d, sel, state['need'][i])
-        if mask is not None: ds[i] = d * mask.to(d.dtype)
+        cut = (state.get('cuts') or {}).get(i)
+        if cut is not None and rows[0] is not None and d.dtype == torch.float32 and rows[1] > rows[0]:
+            start = rows[0] * (d.numel() // (rows[1] - rows[0]))
+            ds[i] = _held_trim(d, state['keys'][(i, 0)][rows[0]:rows[1]], sel[0][0], cut, start); continue
+        kept_d = _above(d, sel, state['need'][i])
+        if kept_d is not None: ds[i] = kept_d; continue
+        held = state.get('keys')
+        ks = None if not held else [None if (i, j) not in held else held[(i, j)] if rows[0] is None else held[(i, j)][rows[0]:rows[1]]
+                                    for j in range(len(sel))]
+        mask = _chunk_mask(d, sel, state['need'][i], ks)
+        if mask is not None: ds[i] = d * mask
     return _gta_tail(base, ds, s['per'], s['gp'], s['cons'])
 
 # %% ../nbs/09_streaming.ipynb #7afdfc53
-def _prepare(s:dict, chunks, name:str) -> dict:
+def _prepare(s:dict, chunks, name:str,
+             deltas=None, # callable -> iterator of each chunk's task vectors (None: computed from `chunks`)
+             whole:bool=False # the chunks are one chunk, the whole tensor in memory: keys and DARE masks are kept for the chunk pass
+            ) -> dict:
     "The state of the chunk pass: trim thresholds, DARE norms and generators, slerp weights (the pre-passes run here)."
-    state = {'trim': None, 'need': None, 'sums': [None] * len(s['per']), 'coefs': None}
+    state = {'trim': None, 'need': None, 'sums': [None] * len(s['per']), 'coefs': None, 'masks': None, 'keys': {} if whole else None}
+    deltas = deltas or (lambda: ([x - v[0] for x in v[1:]] for v in chunks()))
     if s['spars'] in ('magnitude', 'magnitude_outliers'):
-        deltas = lambda: ([x - v[0] for x in v[1:]] for v in chunks())
-        state['trim'] = _prepass_trim(deltas, s['specs'], s['n'], s['compat'], name)
+        state['trim'] = _prepass_trim(deltas, s['specs'], s['n'], s['compat'], name, kept=state['keys'])
         state['need'] = [None if sel is None else [[need for _, need in sel], s['specs'][i]] for i, sel in enumerate(state['trim'])]
+        if whole: state['cuts'] = _tie_cuts(state)
     if s['spars'] == 'random' and s['gp'].get('rescale', False) and s['gp'].get('rescale_mode', 'l1') == 'l1':
-        state['sums'] = _dare_sums(lambda: ([x - v[0] for x in v[1:]] for v in chunks()), s['per'], s['gens'])
+        masks = [] if whole else None
+        state['sums'] = _dare_sums(deltas, s['per'], s['gens'], masks)
+        if whole: state['masks'] = masks[0]
     if s['m'].name == 'slerp':
         acc = [[], [], []]
         for v in chunks():
             a, b = v[0].float(), v[1].float()
-            acc[0].append(_reductions(a * a)); acc[1].append(_reductions(b * b)); acc[2].append(_reductions(a * b))
+            for x, y in zip(acc, (a * a, b * b, a * b)): x.append(_reductions(y).tolist())   # floats: kept small tensors would pin the heap
         c = _slerp_coefs(*[_fsum(x) for x in acc], float(s['gp']['t']))
         state['coefs'] = None if c is None else tuple(torch.tensor(x, dtype=torch.float32) for x in c)
     state['gens'] = s['gens']()
@@ -331,7 +466,8 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
                  name:str='<tensor>', # tensor name: for errors, and DARE's seeds
                  chunk:int=CHUNK_ELEMENTS, # elements per chunk
                  labels:list|None=None, # input names for NaN/Inf errors (default: 'input i')
-                 seed:int|None=None # the tensor's seed (random methods), as `merge_tensors` takes it
+                 seed:int|None=None, # the tensor's seed (random methods), as `merge_tensors` takes it
+                 cache:int=CACHE_ELEMENTS # a tensor up to this many elements is read once and held for every pass (0: never)
                 ):
     "Merge one tensor chunk by chunk with flat memory; the same result as `merge_tensors`, chunk for chunk."
     why = _not_streamed(method, per, gp)
@@ -341,14 +477,22 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     spec = gp.get('compute_dtype', 'input' if gp.get('mergekit_compat') else None)
     ranges = _row_ranges(shape, chunk if len(shape) != 1 else max(chunk, shape[0]))   # a vector is one row: its reductions are one sum
     s = _setup(method, per, gp, shape, None, seed, name)
-    def read(a, b):
-        raw = [get(i, a, b) for i in range(n_in)]
-        for x, lab in zip(raw, labels): _finite(x, lab, fast=True)
-        return raw
     load = gp.get('load_dtype')   # mergekit_compat: the dtype mergekit loads the inputs in, before computing
     cast = lambda raw: [x.to(_resolve_dtype(spec, raw)) for x in ([r.to(load) for r in raw] if load is not None else raw)]
-    chunks = lambda: (cast(read(a, b)) for a, b in ranges)
     same = lambda raw: all(x.dtype == raw[0].dtype and torch.equal(x, raw[0]) for x in raw[1:])
+    late = method in ('linear', 'task_arithmetic')   # a NaN/Inf input always reaches their output: the inputs are checked only then
+    def read(a, b):
+        raw = [get(i, a, b) for i in range(n_in)]
+        if not late:
+            for x, lab in zip(raw, labels): _finite(x, lab, fast=True)
+        return raw
+    def refuse(raw):   # a non-finite merge: name the input that holds the NaN/Inf, if one does
+        for x, lab in zip(raw, labels): _finite(x, lab)
+        raise MergeRefused(f'{name}: the merge produced NaN or Inf')
+    if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name, refuse)
+    pre = _row_ranges(shape, 16 * chunk) if len(shape) != 1 else ranges   # the pre-passes keep no chunk: larger ones
+    raw_pre = (lambda a, b: read(a, b)) if method == 'slerp' else (lambda a, b: [get(i, a, b) for i in range(n_in)])   # checked in the chunk pass
+    chunks = lambda: (cast(raw_pre(a, b)) for a, b in pre)
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them
         for a, b in ranges: put(a, b, get(0, a, b).float().to(out_dtype))
     try: _refuse_empty(s, name)
@@ -359,14 +503,42 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     for a, b in ranges:
         raw = read(a, b); ident = ident and same(raw)
         res = _merge_chunk(s, cast(raw), state)
-        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): raise MergeRefused(f'{name}: the merge produced NaN or Inf')
+        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(raw)
         put(a, b, res.float().to(out_dtype))
     if ident and not s['compat']: pass_through()   # every chunk was identical: the whole tensor is (mergekit computes it anyway)
+
+# %% ../nbs/09_streaming.ipynb #5e1d7c20
+def _merge_held(s:dict, read, ranges:list, shape:tuple, cast, same, put, out_dtype:torch.dtype, name:str, refuse):
+    "`stream_merge` of a tensor held in memory: each input read and checked once; a trim's pre-passes on the whole of it, the rest in chunks."
+    raw = read(*((0, shape[0]) if len(shape) else (None, None)))
+    ident, refused = same(raw), False
+    try: _refuse_empty(s, name)
+    except MergeRefused:
+        if not ident: raise
+        refused = True
+    sl = lambda xs, a, b: xs if a is None else [x[a:b] for x in xs]
+    if ident and (refused or not s['compat']):   # identical inputs: passed through, bit for bit, as merge_tensors passes them
+        if not bool(torch.isfinite(raw[0].sum(dtype=torch.float32))): refuse(raw)
+        for a, b in ranges: put(a, b, sl(raw, a, b)[0].float().to(out_dtype))
+        return
+    whole = s['spars'] in ('magnitude', 'magnitude_outliers') or (s['spars'] == 'random' and s['gp'].get('rescale', False)
+                                                                 and s['gp'].get('rescale_mode', 'l1') == 'l1')
+    if whole:   # task vectors, their keys and DARE's masks computed once, for the pre-passes and the chunk pass
+        v = cast(raw); del raw
+        D = [x - v[0] for x in v[1:]]
+        state = _prepare(s, lambda: iter([v]), name, deltas=lambda: iter([D]), whole=True)
+    else:   # one pass (slerp's reductions are per row): chunks of the held inputs, cast as they are used
+        state = _prepare(s, lambda: (cast(sl(raw, a, b)) for a, b in ranges), name)
+    for a, b in ranges:
+        if whole: res = _merge_chunk(s, sl(v, a, b), state, ds=sl(D, a, b), rows=(a, b))
+        else: res = _merge_chunk(s, cast(sl(raw, a, b)), state)
+        if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(sl(v, a, b) if whole else sl(raw, a, b))
+        put(a, b, res.float().to(out_dtype))
 
 # %% ../nbs/09_streaming.ipynb #9dbaa98b
 def stream_tensor(inputs:list, # the inputs (base first for the methods that have one)
                   method:str, per:list, gp:dict, out_dtype:torch.dtype=torch.float32, chunk:int=CHUNK_ELEMENTS,
-                  seed:int|None=None, name:str='<tensor>') -> torch.Tensor:
+                  seed:int|None=None, name:str='<tensor>', cache:int=CACHE_ELEMENTS) -> torch.Tensor:
     "`stream_merge` of whole in-memory tensors, collected into one tensor (for tests and small merges)."
     shape = tuple(inputs[0].shape)
     out = torch.empty(shape, dtype=out_dtype)
@@ -374,7 +546,7 @@ def stream_tensor(inputs:list, # the inputs (base first for the methods that hav
         if a is None: out.copy_(rows)
         else: out[a:b] = rows
     stream_merge(lambda i, a, b: inputs[i] if a is None else inputs[i][a:b], shape, method, per, gp, out_dtype, put,
-                 name=name, chunk=chunk, seed=seed)
+                 name=name, chunk=chunk, seed=seed, cache=cache)
     return out
 
 # %% ../nbs/09_streaming.ipynb #cdc8f45f

@@ -230,6 +230,42 @@ def test_a_llama_merge_imports_no_transformers(tmp_path):
     assert res == {'rc': 0, 'transformers': False}
     assert set(load_file(str(tmp_path / 'out' / 'model.safetensors'))) == set(base)
 
+UNNEEDED = ('transformers', 'pandas', 'matplotlib', 'scipy', 'PIL', 'datasets', 'accelerate', 'huggingface_hub.repocard', 'huggingface_hub.hf_api')
+
+def test_the_merge_command_imports_nothing_it_does_not_use(tmp_path):
+    "Start-up (issue 19): importing the engine, and then a whole `vlm-merge merge` through the CLI, load none of these (huggingface_hub's Hub client alone was about 0.2 s of every merge)."
+    (base_p, f1, f2), base, fts = _compat_models(tmp_path)
+    cfg = {'merge_method': 'ties', 'base_model': str(base_p), 'dtype': 'bfloat16',
+           'models': [{'model': str(p), 'parameters': {'weight': 0.5, 'density': 0.5}} for p in (f1, f2)]}
+    (tmp_path / 'cfg.json').write_text(json.dumps(cfg))
+    res = _child_peak(f'''
+        import sys
+        loaded = lambda: sorted(m for m in {UNNEEDED!r} if m in sys.modules)
+        import vlm_merge.engine
+        at_import = loaded()
+        from vlm_merge.cli import main
+        rc = main(['merge', {str(tmp_path / 'cfg.json')!r}, {str(tmp_path / 'out')!r}, '--no-progress'])
+        print(json.dumps({{'rc': rc, 'import': at_import, 'merge': loaded()}}))''')
+    assert res == {'rc': 0, 'import': [], 'merge': []}
+    assert (tmp_path / 'out' / 'README.md').read_text().startswith('---\nbase_model: []\n')
+
+def test_the_engine_card_is_make_model_cards_text(tmp_path):
+    "The card the engine writes without huggingface_hub's Hub client is, byte for byte, the text of `make_model_card` (through `ModelCard.from_template`), licence read from the sources' cards included."
+    from vlm_merge.engine import MergeConfig, build_plan, card_text
+    from vlm_merge.hub import make_model_card, _card_text
+    (base_p, f1, f2), _, _ = _compat_models(tmp_path)
+    for p in (base_p, f1, f2): (p / 'README.md').write_text(f'---\nlicense: mit\ntags:\n- x\n---\n# {p.name}\n')
+    cfg = MergeConfig.from_dict({'merge_method': 'ties', 'base_model': str(base_p), 'dtype': 'bfloat16', 'name': 'a soup',
+                                 'models': [{'model': str(p), 'parameters': {'weight': 0.5, 'density': 0.5}} for p in (f1, f2)]})
+    plan = build_plan(cfg)
+    try:
+        got = card_text(cfg, plan, repo_id='me/soup')
+        want = _card_text(make_model_card(cfg, plan=plan, model_name=cfg.name, repo_id='me/soup',
+                                          model_config=plan.readers[plan.output_model].config))
+    finally: plan.close()
+    assert got == want
+    assert 'license: mit' in got and '# a soup' in got and 'model_id = "me/soup"' in got
+
 def test_sizes_read_off_the_config_are_head_geometrys():
     "The architecture check reads the sizes off a config that states them (no transformers); they are what head_geometry (with transformers' defaults) gives."
     from vlm_merge.plan import _stated_geometry

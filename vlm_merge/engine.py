@@ -170,9 +170,9 @@ def card_text(config:MergeConfig, # the merge
               repo_id:str|None=None, # the name the card's usage snippet loads (default: 'path/to/merged-model')
              ) -> str:
     "The model card (README.md) of a merge: `hub.make_model_card` given the config and the plan, as text."
-    from vlm_merge.hub import make_model_card, _card_text
+    from vlm_merge.model_card import model_card_text
     cfg = plan.readers[plan.output_model].config if plan is not None else None
-    return _card_text(make_model_card(config, plan=plan, model_name=config.name, repo_id=repo_id, model_config=cfg))
+    return model_card_text(config, plan=plan, model_name=config.name, repo_id=repo_id, model_config=cfg)
 
 # %% ../nbs/09_engine.ipynb #7be165c8
 def _libc_trim():

@@ -4,20 +4,30 @@
 
 # %% ../nbs/14a_model_card.ipynb #43a8da05
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, re, sys, tempfile
+import argparse, dataclasses, importlib, inspect, json, math, os, re, sys, tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 # %% auto #0
 __all__ = ['CITATIONS', 'METHOD_CITATIONS', 'MERGE_CONFIG_FILES', 'CARD_TEMPLATE', 'citations_for', 'bibtex', 'is_vlm_config',
            'pipeline_tag_for', 'usage_snippet', 'scores_table', 'sources_of', 'agreed_license', 'make_model_card',
-           'write_model_card']
+           'model_card_text', 'write_model_card']
 
 # %% ../nbs/14a_model_card.ipynb #9f08e1c8
 import yaml
-import huggingface_hub
-from huggingface_hub import ModelCard, ModelCardData, constants as hf_constants
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+
+# %% ../nbs/14a_model_card.ipynb #77bb0b0f
+_HF_NAMES = {'huggingface_hub': ('huggingface_hub', None), 'ModelCard': ('huggingface_hub', 'ModelCard'),
+             'ModelCardData': ('huggingface_hub', 'ModelCardData'), 'hf_constants': ('huggingface_hub', 'constants'),
+             **{n: ('huggingface_hub.utils', n) for n in ('DEFAULT_IGNORE_PATTERNS', 'HFValidationError', 'filter_repo_objects', 'validate_repo_id')}}
+
+def __getattr__(name:str # a name this module does not define
+               ):
+    "huggingface_hub's names, imported when first asked for (`vlm_merge.model_card.ModelCard` works as before, without the import at start-up)."
+    if name not in _HF_NAMES: raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    mod, attr = _HF_NAMES[name]
+    m = importlib.import_module(mod)
+    return m if attr is None else getattr(m, attr)
 
 # %% ../nbs/14a_model_card.ipynb #86d7dfc9
 CITATIONS = {
@@ -258,14 +268,43 @@ def _is_hub_id(s:str) -> bool:
     s = str(s)
     from vlm_merge.checkpoints import _local_ref
     if _local_ref(s): return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
     try: validate_repo_id(s); return True
     except HFValidationError: return False
+
+# %% ../nbs/14a_model_card.ipynb #9f5fb004
+def _line_ending(text:str # a card's text
+                ) -> str|None:
+    "The line ending `text` uses, by huggingface_hub's (the Hub's) rule: '\\r\\n', '\\r', '\\n', or None without any line break."
+    cr, lf, crlf = text.count('\r'), text.count('\n'), text.count('\r\n')
+    if cr + lf == 0: return None
+    if crlf == cr and crlf == lf: return '\r\n'
+    return '\r' if cr > lf else '\n'
+
+# %% ../nbs/14a_model_card.ipynb #204d5cb1
+_YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")   # huggingface_hub.repocard's (the Hub's)
+
+def _parse_card(text:str # a model card's text: a YAML metadata block, then Markdown
+               ) -> tuple:
+    "(metadata, text) of a card, as `ModelCard(text)` gives `.data` and `.content`, without importing huggingface_hub's Hub client."
+    from huggingface_hub.repocard_data import ModelCardData
+    m = _YAML_BLOCK.search(text)
+    if m:
+        body, meta = text[m.end():], yaml.safe_load(m.group(2))
+        if meta is None: meta = {}
+        if not isinstance(meta, dict): raise ValueError('repo card metadata block should be a dict')
+    else:
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.get_logger('huggingface_hub.repocard').warning('Repo card metadata block was not found. Setting CardData to empty.')
+        body, meta = text, {}
+    data, lb = ModelCardData(**meta, ignore_metadata_errors=False), _line_ending(text) or '\n'
+    return data, f'---{lb}{data.to_yaml(line_break=lb, original_order=list(meta))}{lb}---{lb}{body}'
 
 # %% ../nbs/14a_model_card.ipynb #6834b3a2
 def _local_license(src:str) -> str|None:
     readme = Path(str(src)).expanduser()/'README.md'
     if not readme.exists(): return None
-    try: return ModelCard(readme.read_text(encoding='utf-8')).data.to_dict().get('license')
+    try: return _parse_card(readme.read_text(encoding='utf-8'))[0].to_dict().get('license')
     except Exception: return None
 
 # %% ../nbs/14a_model_card.ipynb #590a3220
@@ -452,24 +491,12 @@ def _license_md(lic:str|None, given:bool) -> str:
             if lic else 'No licence is stated: the sources\' licences could not all be read or they differ. '
                         'The merged weights are bound by the terms of every source model; check each one before use.')
 
-# %% ../nbs/14a_model_card.ipynb #f7fb666e
-def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config (dict or MergeConfig)
-                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
-                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
-                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
-                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
-                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
-                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
-                    model_name:str|None=None,    # the card's title; default: repo_id's name
-                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
-                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
-                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
-                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
-                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
-                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
-                    plan=None,                   # the engine's MergePlan: inputs as read (LoRA), output layout, SparseGPT, warnings
-                   ) -> ModelCard:
-    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+# %% ../nbs/14a_model_card.ipynb #3c1cb351
+def _card_parts(*, folder_or_config, sources, method, parameters, scores, license, repo_id, model_name, pipeline_tag, tags,
+                datasets, language, scores_note, model_config, plan # `make_model_card`'s arguments, every one given
+               ) -> tuple:
+    "(metadata, template variables) of a card: everything `make_model_card` decides before the template is rendered."
+    from huggingface_hub.repocard_data import ModelCardData   # not huggingface_hub.repocard: no Hub client
     if plan is not None and folder_or_config is None: folder_or_config = plan.config
     engine = folder_or_config if hasattr(folder_or_config, 'sparsegpt_for') else None   # the engine's MergeConfig
     if engine is not None:
@@ -489,8 +516,8 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
                              t for t in ['merge', 'vlm_merge', method_tag, *tags] if t)), library_name='transformers',
                          pipeline_tag=pipeline_tag, license=lic, datasets=datasets, language=language, model_name=None)
     from vlm_merge import __version__
-    return ModelCard.from_template(
-        data, template_str=CARD_TEMPLATE, generator=f'vlm_merge {__version__}', model_name=model_name or str(repo_id).split('/')[-1],
+    return data, dict(
+        generator=f'vlm_merge {__version__}', model_name=model_name or str(repo_id).split('/')[-1],
         n_sources=len(sources), method=method, kind=('a vision-language model (image + text in, text out)' if vlm
                                                      else 'a text language model (text in, text out)'),
         sources_md=_engine_sources_md(engine, plan) if engine is not None else '\n'.join(map(_source_md, sources)),
@@ -500,11 +527,54 @@ def make_model_card(folder_or_config=None, # a merged folder, its config.json as
         scores_note=scores_note, usage=usage_snippet(repo_id, vlm), license_md=_license_md(lic, bool(license)),
         bibtex='\n\n'.join(bibtex(c) for c in cites))
 
+# %% ../nbs/14a_model_card.ipynb #f7fb666e
+def make_model_card(folder_or_config=None, # a merged folder, its config.json as a dict / PretrainedConfig, or the engine's merge config (dict or MergeConfig)
+                    sources:list[str]|None=None, # source models (Hub ids or local folders); default: from the merge config
+                    method:str|None=None,        # merge method name; default: the merge config's `merge_method`
+                    parameters:dict|None=None,   # the method's parameters / the whole merge config; default: the merge config
+                    scores=None,                 # {task: accuracy}, {task: {metric: value}} or a DataFrame
+                    license:str|None=None,       # SPDX-like Hub licence id; default: the one the local sources agree on
+                    repo_id:str|None=None,       # the Hub id the usage snippet loads; default: the folder's name
+                    model_name:str|None=None,    # the card's title; default: repo_id's name
+                    pipeline_tag:str|None=None,  # override 'image-text-to-text' / 'text-generation'
+                    tags:Iterable[str]=(),       # extra tags after 'merge', 'vlm_merge' and the method
+                    datasets:list[str]|None=None, # Hub datasets used (calibration, search, evaluation)
+                    language:str|list[str]|None=None, # language code(s), e.g. 'en'
+                    scores_note:str|None=None,   # a sentence under the evaluation table (data, n, settings)
+                    model_config:dict|None=None, # the merged model's config.json when folder_or_config is a merge config
+                    plan=None,                   # the engine's MergePlan: inputs as read (LoRA), output layout, SparseGPT, warnings
+                   ) -> ModelCard:
+    "A Hub model card (huggingface_hub `ModelCard`) for a merged model: metadata, sources, method, parameters, scores, usage, citations."
+    data, kw = _card_parts(**locals())
+    from huggingface_hub import ModelCard
+    return ModelCard.from_template(data, template_str=CARD_TEMPLATE, **kw)
+
 # %% ../nbs/14a_model_card.ipynb #59554115
 def _card_text(card) -> str:
     "The text of a card (ModelCard or str), ending with a newline as a file should."
-    text = card.content if isinstance(card, ModelCard) else str(card)
+    rc = sys.modules.get('huggingface_hub.repocard')   # a ModelCard exists only once its module is imported: nothing to import here
+    text = card.content if rc is not None and isinstance(card, rc.ModelCard) else str(card)
     return text if text.endswith('\n') else text + '\n'
+
+# %% ../nbs/14a_model_card.ipynb #2f0388d4
+def _render_card(data, # the card's metadata (`ModelCardData`)
+                 template:str, # a Jinja2 template of the card; `card_data` is the metadata as YAML
+                 **kwargs # the template's other variables
+                ) -> str:
+    "The text of `ModelCard.from_template(data, template_str=template, **kwargs)`, without importing huggingface_hub's Hub client."
+    import jinja2
+    text = jinja2.Template(template).render(card_data=data.to_yaml(), **{**data.to_dict(), **kwargs})
+    return _parse_card(text)[1]
+
+# %% ../nbs/14a_model_card.ipynb #09c49f05
+def model_card_text(*args, # `make_model_card`'s arguments
+                    **kwargs # and its keyword arguments
+                   ) -> str:
+    "The text of `make_model_card(*args, **kwargs)` (ending with a newline), without importing huggingface_hub's Hub client."
+    a = inspect.signature(make_model_card).bind(*args, **kwargs)
+    a.apply_defaults()
+    data, kw = _card_parts(**a.arguments)
+    return _card_text(_render_card(data, CARD_TEMPLATE, **kw))
 
 # %% ../nbs/14a_model_card.ipynb #4f935351
 def write_model_card(folder, # the merged folder; README.md is written there
@@ -521,6 +591,7 @@ def write_model_card(folder, # the merged folder; README.md is written there
     if card is None: card = make_model_card(folder, **kwargs)
     elif kwargs: raise TypeError(f'write_model_card: pass either card or make_model_card arguments, not both ({sorted(kwargs)})')
     text = _card_text(card)
+    from huggingface_hub import ModelCard
     ModelCard(text)  # refuses malformed metadata before anything is written
     from vlm_merge.data import _atomic_write
     return _atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))

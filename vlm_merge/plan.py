@@ -19,6 +19,11 @@ from .checkpoints import patch
 # %% auto #0
 __all__ = ['PlanItem', 'MergePlan', 'ViewReader', 'run_prerequisites', 'build_plan', 'LoraReader', 'open_input']
 
+# %% ../nbs/09_plan.ipynb #4573791c
+from .matching import (_LAYER_RE, _family, _text_cfg, _text_type, _GEOM_KEYS, _stated_geometry, _signature, _is_vlm,
+                                _canon_keys, _canon_map, _layer_of, _in_ranges, _check_architectures, _n_layers, _is_embedding,
+                                _source_keys, _merge_rows, _check_item_params)
+
 # %% ../nbs/09_plan.ipynb #c6a4758a
 @dataclass
 class PlanItem:
@@ -57,145 +62,6 @@ class MergePlan:
     def close(self):
         "Close every input reader."
         for r in self.readers.values(): r.close()
-
-# %% ../nbs/09_plan.ipynb #505b35ee
-_LAYER_RE = re.compile(r'(?:^|\.)layers\.(\d+)\.')
-
-def _family(cfg:dict):
-    if not cfg: return None
-    try: return get_family(cfg)
-    except UnknownFamilyError: return None
-
-# %% ../nbs/09_plan.ipynb #774bea9a
-def _text_cfg(cfg:dict) -> dict:
-    for k in ('text_config', 'llm_config', 'language_config'):
-        if isinstance(cfg.get(k), dict): return cfg[k]
-    return cfg
-
-# %% ../nbs/09_plan.ipynb #4d211867
-def _text_type(cfg:dict) -> str|None:
-    "The text architecture: the (text) model_type, with a VLM's own text variant named as its text LLM ('qwen2_5_vl_text' -> 'qwen2')."
-    t = _text_cfg(cfg).get('model_type', cfg.get('model_type'))
-    return re.sub(r'(_\d+)?_vl(_text)?$', '', t) if isinstance(t, str) else t
-
-# %% ../nbs/09_plan.ipynb #6b0e2f91
-_GEOM_KEYS = {'hidden_size': 'hidden_size', 'n_layers': 'num_hidden_layers', 'n_heads': 'num_attention_heads',
-              'n_kv_heads': 'num_key_value_heads', 'head_dim': 'head_dim', 'intermediate_size': 'intermediate_size'}
-
-def _stated_geometry(cfg:dict) -> dict|None:
-    "The sizes `head_geometry` gives, when the (text) config states them all (Llama: kv heads and head_dim have plain defaults); None: ask transformers."
-    tc = next((cfg[k] for k in ('text_config', 'llm_config') if isinstance(cfg.get(k), dict)), cfg)
-    g = {k: tc.get(v) for k, v in _GEOM_KEYS.items()}
-    if tc.get('model_type') == 'llama' and isinstance(g['n_heads'], int) and isinstance(g['hidden_size'], int) and g['n_heads'] > 0:
-        g['n_kv_heads'] = g['n_kv_heads'] or g['n_heads']; g['head_dim'] = g['head_dim'] or g['hidden_size'] // g['n_heads']
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in g.values()) or g['n_heads'] % g['n_kv_heads']: return None
-    return g
-
-# %% ../nbs/09_plan.ipynb #9a11a4cc
-def _signature(cfg:dict) -> dict:
-    "What must agree between models whose language models are merged."
-    sig = {'text_model_type': _text_type(cfg)}
-    stated = _stated_geometry(cfg)   # read off the config: no transformers import (seconds of every merge's start-up)
-    if stated is not None: return {**sig, **stated}
-    try:
-        g = head_geometry(cfg)
-        sig.update(hidden_size=g.hidden_size, n_layers=g.n_layers, n_heads=g.n_heads, n_kv_heads=g.n_kv_heads,
-                   head_dim=g.head_dim, intermediate_size=g.intermediate_size)
-    except Exception: pass
-    return sig
-
-# %% ../nbs/09_plan.ipynb #367c1ab4
-def _is_vlm(cfg:dict) -> bool:
-    fam = _family(cfg)
-    if fam is not None: return getattr(fam, 'kind', 'text') == 'vlm'
-    return any(isinstance(cfg.get(k), dict) for k in ('vision_config', 'text_config'))
-
-# %% ../nbs/09_plan.ipynb #bdaeb269
-def _canon_keys(keys, fam) -> dict:
-    "canonical language-model name -> key, for the keys of one model of family `fam` (empty when it is None)."
-    if fam is None: return {}
-    out = {}
-    for k in keys:
-        try: c = canonical_key(k, fam)
-        except Exception: c = None
-        if c is not None: out[c] = k
-    return out
-
-# %% ../nbs/09_plan.ipynb #401a8484
-def _canon_map(reader) -> dict:
-    "canonical language-model name -> key, for one checkpoint (empty when its family is unknown)."
-    return _canon_keys(reader.keys(), _family(reader.config))
-
-# %% ../nbs/09_plan.ipynb #50b20ae3
-def _layer_of(canon:str|None, key:str) -> int|None:
-    m = _LAYER_RE.search(canon or key)
-    return int(m.group(1)) if m else None
-
-# %% ../nbs/09_plan.ipynb #df48f376
-def _in_ranges(layer:int|None, ranges:list|None) -> bool:
-    return ranges is None or layer is None or any(a <= layer < b for a, b in ranges)
-
-# %% ../nbs/09_plan.ipynb #43dd9c4f
-def _check_architectures(cfgs:dict, allow:bool, warn:list, ignore:tuple=()):
-    sigs = {ref: _signature(c) for ref, c in cfgs.items()}
-    ref0 = next(iter(sigs))
-    for ref, s in sigs.items():
-        diff = {k: (sigs[ref0].get(k), v) for k, v in s.items() if k in sigs[ref0] and sigs[ref0][k] != v and k not in ignore}
-        if diff:
-            msg = (f'architectures do not match: {ref0} vs {ref}: ' + ', '.join(f'{k} {a} != {b}' for k, (a, b) in diff.items()))
-            if not allow: raise MergeRefused(msg + '; set `allow_mismatched_architectures: true` (or --allow-mismatched-architectures) to merge anyway')
-            warn.append(msg + ' (allowed by allow_mismatched_architectures)')
-    vlm_fams = {getattr(_family(c), 'name', None) for c in cfgs.values() if _is_vlm(c)}
-    if len(vlm_fams) > 1 and not allow:
-        raise MergeRefused(f'the VLMs are of different families {sorted(map(str, vlm_fams))}; set allow_mismatched_architectures to merge anyway')
-
-# %% ../nbs/09_plan.ipynb #6ce6a7a5
-def _n_layers(out_r) -> int:
-    "Decoder layers of the output model: from its config, else from its keys (`layers.N.`)."
-    n_layers = _signature(out_r.config).get('n_layers')
-    if n_layers is None:
-        ls = [_layer_of(None, k) for k in out_r.keys()]; ls = [l for l in ls if l is not None]
-        n_layers = max(ls) + 1 if ls else 1
-    return n_layers
-
-def _is_embedding(key:str, c:str|None, out_r) -> bool:
-    "Whether output tensor `key` (canonical name `c`) is the embedding or the lm_head."
-    info = None
-    if c is not None:
-        try: info = parse_key(key, _family(out_r.config))
-        except Exception: info = None
-    comp = getattr(info, 'component', None) or ('embed' if c and c.startswith('embed') else 'lm_head' if c and c.startswith('lm_head') else None)
-    return comp in ('embed', 'lm_head')
-
-def _source_keys(key:str, c:str|None, sources:list, canon:dict, readers:dict) -> dict:
-    "Where the same tensor lives in each source: by canonical name `c`, else by `key` itself (None where absent)."
-    return {r: (canon[r].get(c) if c is not None else (key if key in readers[r] else None)) for r in sources}
-
-# %% ../nbs/09_plan.ipynb #149bd9a6
-def _merge_rows(key:str, shape:tuple, src:dict, readers:dict, is_emb:bool, out_ref:str, warn:list) -> int|None:
-    "How many rows of `key` to merge when vocabulary sizes differ (None: all); any other shape mismatch is refused."
-    rows = None
-    for r, k2 in src.items():
-        s2 = tuple(readers[r].shape(k2))
-        if s2 == shape: continue
-        if is_emb and len(s2) == len(shape) and s2[1:] == shape[1:]:
-            rows = min(rows or shape[0], s2[0], shape[0]); continue
-        raise MergeRefused(f'shape mismatch: {key} is {shape} in {out_ref} but {k2} is {s2} in {r} ({readers[r].file_of(k2)})')
-    if rows is not None:
-        warn.append(f'vocabulary sizes differ for {key}: ' + ', '.join(f'{r}: {readers[r].shape(k2)[0]}' for r, k2 in src.items())
-                    + f'; merging the first {rows} rows, the rest from {out_ref}')
-    return rows
-
-def _check_item_params(config:MergeConfig, key:str, t:float):
-    "Refuse a tensor whose resolved parameters lack what the method needs, or that the method rejects."
-    method = MERGE_METHODS[config.merge_method]
-    per, glob = tensor_parameters(config, key, t)
-    models = _slice_models(config, config.slices[config.slice_of[key]]) if config.slices and key in config.slice_of else merged_models(config)
-    for m, p in zip(models, per):
-        miss = [r for r in method.required if r not in p]
-        if miss: raise MergeConfigError(f'models: {m.model} lacks parameter(s) {miss} needed by {config.merge_method} (for {key})')
-    try: check_params(config.merge_method, [{**method.tensor_defaults, **p} for p in per], {**method.global_defaults, **glob}, key)
-    except ValueError as e: raise MergeConfigError(str(e)) from None
 
 # %% ../nbs/09_plan.ipynb #4ba38b38
 def _output_model(config:MergeConfig, readers:dict, refs:list, merged_refs:list) -> tuple[str, bool]:

@@ -264,18 +264,20 @@ def length_groups(lengths:list[int], # lengths of a batch's examples, sorted asc
 
 # %% ../nbs/03a_zoo_recipe.ipynb #f6bc9067
 def batch_backward(model,            # any transformers model whose loss takes `num_items_in_batch`
-                   exs:list[dict],   # the step's encoded examples
+                   exs:list[dict],   # the step's encoded examples (text only, with an image, or both: a VLM's stage 2 with text replay)
                    pad_id:int,       # padding token id
-                   split:bool=True,  # run length groups (`length_groups`) as separate passes; False: the whole batch at once
+                   split:bool=True,  # run length groups (`length_groups`) as separate passes; False: one pass per kind of example
                   ) -> float:
-    "Backward the mean token loss of `exs`, in length groups (less padding, the same gradient); returns the loss."
-    if not split: loss = model(**collate(exs, pad_id)).loss; loss.backward(); return loss.item()
-    exs = sorted(exs, key=lambda e: len(e['input_ids']))
+    "Backward the mean token loss of `exs`, in length groups (less padding, the same gradient), examples with and without an image apart; returns the loss."
     n = sum(sum(l != -100 for l in e['labels'][1:]) for e in exs)   # the targets of the shifted loss, over the whole batch
+    kinds = {}   # examples with the same tensors (text only; + pixel_values; ...) can share a pass
+    for e in exs: kinds.setdefault(tuple(sorted(set(e) - {'input_ids', 'labels'})), []).append(e)
     total = 0.0
-    for a, b in length_groups([len(e['input_ids']) for e in exs]):
-        loss = model(**collate(exs[a:b], pad_id), num_items_in_batch=n).loss
-        loss.backward(); total += loss.item()
+    for sub in kinds.values():
+        sub = sorted(sub, key=lambda e: len(e['input_ids']))
+        for a, b in length_groups([len(e['input_ids']) for e in sub]) if split else [(0, len(sub))]:
+            loss = model(**collate(sub[a:b], pad_id), num_items_in_batch=n).loss
+            loss.backward(); total += loss.item()
     return total
 
 # %% ../nbs/03a_zoo_recipe.ipynb #e2187d83

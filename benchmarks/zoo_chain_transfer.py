@@ -7,7 +7,8 @@ Each trial starts from the shipped zoo and retrains only what it changes (one th
 2. a reasoner (optional): a light fine-tune of that base on reason-lm's data (`--reason-steps`, `--reason-lr`);
 3. a VLM the LLaVA way on that base, from the shipped vlm-llava's tower and projector: stage 1 with the language
    model frozen (`--align`; `--tower-lr` > 0 also trains the tower, as Qwen2-VL's stage 1 does), then a light
-   stage 2 (`--s2`, `--s2-lr`) with text replay of the base's pretraining documents (`--replay`, LLaVA-1.5's mix);
+   stage 2 (`--s2`, `--s2-lr`) with text replay of the base's pretraining documents (`--replay`, LLaVA-1.5's mix;
+   `--replay-figures`: only those about figures);
    `--image-last` renders the image after the question text (the zoo's chat template puts it first);
    `--labels-first` makes every perception answer read all labels before the value ('left 50 right 40\\n#### 40');
 4. task arithmetic of the reasoner into the VLM at each `--weights`, on the base.
@@ -43,6 +44,7 @@ def _args(argv=None):
     ap.add_argument('--s2', type=int, default=200, help='stage 2 steps (language model trained)')
     ap.add_argument('--s2-lr', type=float, default=3e-4, help="stage 2's peak learning rate")
     ap.add_argument('--replay', type=float, default=0.5, help='text documents replayed in stage 2, per image example')
+    ap.add_argument('--replay-figures', action='store_true', help="replay only the pretraining documents about figures (questions, reading and chain solutions in words)")
     ap.add_argument('--labels-first', action='store_true', help='perception answers read every label before the value')
     ap.add_argument('--image-last', action='store_true', help="the chat template puts the image after the question, next to the answer")
     ap.add_argument('--weights', type=float, nargs='+', default=[1.0, 0.5], help="the reasoner's weights in the merges")
@@ -139,6 +141,7 @@ def main(argv=None):
     tower.requires_grad_(False); dec.requires_grad_(True); head.requires_grad_(True)
     if a.replay:
         docs = Z.pretraining_mix(0, Z.ZOO_SIZES); random.Random(5).shuffle(docs)
+        if a.replay_figures: docs = [d for d in docs if 'The figure is labelled' in (d['prompt'] or '')]
         exs = exs + [R.encode_example(tok, d['prompt'], d['answer']) for d in docs[:int(len(exs) * a.replay)]]
     if a.s2: R.train_model(model, exs, tok.pad_token_id, steps=a.s2, batch_size=32, lr=a.s2_lr, seed=1, desc='stage 2',
                            lr_groups={'multi_modal_projector': a.align_lr / 10})

@@ -174,6 +174,12 @@ def test_unknown_name_fails_fast_offline():
     assert 'HF_HUB_OFFLINE' in line and 'zoo model' in line and time.perf_counter() - t0 < 30
     one_error_line(cli('inspect', 'zoo:no-such-model'), 'inspect')
 
+def test_missing_model_folder_is_named(tmp_path):
+    "A path that does not exist is named as a missing folder, before any data is looked for, not sent to the Hub as a repo id."
+    for data in ([], ['--data', 'mgsm_en.tsv']):
+        line = one_error_line(cli('infer', '--model_path', tmp_path/'nope', '--task', 'gsm', *data), 'infer')
+        assert f"{tmp_path/'nope'}: no such model folder" in line and 'Repo id' not in line, line
+
 # -- silent wrong results ------------------------------------------------------------------
 def test_neuron_merge_refuses_nan(tmp_path):
     from vlm_merge.neuron_merge import neuron_merge

@@ -16,9 +16,9 @@ from .data import (load_gsm, load_geometry, to_pil, gsm_prompt, geometry_prompt,
 
 # %% auto #0
 __all__ = ['BACKENDS', 'FALLBACK_CHAT_TEMPLATE', 'TASKS', 'GEOMETRY3K_HUB_ID', 'Backend', 'detect_backend', 'pick_dtype',
-           'pick_device', 'remote_code_files', 'allow_remote_code', 'Inferencer', 'strip_image_placeholders',
-           'plain_greedy', 'greedy_decode', 'zoo_default_data', 'load_task_data', 'evaluate', 'write_predictions',
-           'perplexity', 'infer_cli']
+           'pick_device', 'remote_code_files', 'allow_remote_code', 'model_ref', 'Inferencer',
+           'strip_image_placeholders', 'plain_greedy', 'greedy_decode', 'zoo_default_data', 'load_task_data',
+           'evaluate', 'write_predictions', 'perplexity', 'infer_cli']
 
 # %% ../nbs/10_inference.ipynb #a801ab30
 @dataclass
@@ -113,6 +113,18 @@ def allow_remote_code(path, # the model folder or Hub id
         warnings.warn(f'{path}: trust_remote_code=True runs the Python files {", ".join(files)} of this model folder', stacklevel=2)
     return bool(trust_remote_code)
 
+# %% ../nbs/10_inference.ipynb #01f940fb
+def model_ref(model_path:str|Path, # a model folder, a zoo model ('NAME' or 'zoo:NAME'), or a Hub id
+             ) -> str:
+    "What a loader takes for `model_path`: the folder itself, a zoo model's folder, or a Hub id; a path that does not exist is refused here instead of being sent to the Hub as an id."
+    from vlm_merge.checkpoints import zoo_model_path, _looks_local, _zoo_names
+    s = str(model_path)
+    if Path(s).expanduser().exists(): return s
+    z = zoo_model_path(s)
+    if z is not None: return str(z)
+    if _looks_local(s): raise FileNotFoundError(f"{s}: no such model folder (and not a zoo model: {', '.join(_zoo_names())})")
+    return s
+
 # %% ../nbs/10_inference.ipynb #534840cf
 def _eos_ids(model, tokenizer) -> list|None:
     "The ids that end a reply: the generation config's, the tokenizer's eos, and the chat end tokens its vocabulary has."
@@ -137,9 +149,7 @@ class Inferencer:
                 ):
         import transformers
         if model is None and model_path is None: raise ValueError('Inferencer: give model_path or model')
-        if model_path is not None and not Path(str(model_path)).exists():   # a zoo name
-            from vlm_merge.checkpoints import zoo_model_path
-            model_path = zoo_model_path(str(model_path)) or model_path
+        if model_path is not None: model_path = model_ref(model_path)
         self.model_path, self.device = (str(model_path) if model_path is not None else None), pick_device(device)
         device = self.device
         trc = model is None and allow_remote_code(self.model_path, trust_remote_code, needed=BACKENDS.get(backend) is not None and BACKENDS[backend].remote_code)
@@ -364,6 +374,7 @@ def evaluate(model, # a model folder / Hub id, or an `Inferencer`
     "Per-row predictions (`prediction`, `extracted`, `correct`) and a summary (`accuracy`, `n`, `parse_failures`, ...)."
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f'limit: {limit!r} must be a positive number of rows')
+    if not isinstance(model, Inferencer): model = model_ref(model)   # a missing folder is named before any data is looked for
     if data is None: data = zoo_default_data(model, task)
     df = load_task_data(task, data, lang)
     if limit is not None: df = df.head(limit)

@@ -20,6 +20,8 @@ labels line under 'Read the labels.'. The last line is JSON. The table "Lighter 
     python benchmarks/zoo_chain_transfer.py t8 --tower-lr 1e-3              # 6-8 min on one thread
     python benchmarks/zoo_chain_transfer.py x1 --base-steps 800 --base-geo 6000 --reason-steps 400 --tower-lr 1e-3
     python benchmarks/zoo_chain_transfer.py ilf --tower-lr 1e-3 --image-last --labels-first --s2 600 --s2-lr 5e-4
+    python benchmarks/zoo_chain_transfer.py rflH --tower-lr 1e-3 --image-last --labels-first --replay-figures --s2 600 \
+        --s2-lr 5e-4 --reason-steps 1000 --reason-lr 1e-3 --reason-given-labels
 """
 import argparse, copy, json, os, random, sys, time
 from pathlib import Path
@@ -38,6 +40,7 @@ def _args(argv=None):
     ap.add_argument('--base-geo', type=int, default=Z.ZOO_SIZES['base_geo'], help='figure questions stated in words in that mixture')
     ap.add_argument('--reason-steps', type=int, default=0, help="steps of a light reasoner fine-tune (0: the shipped reason-lm)")
     ap.add_argument('--reason-lr', type=float, default=5e-4, help='its peak learning rate')
+    ap.add_argument('--reason-given-labels', action='store_true', help="half the reasoner's chain questions without the labels in words, their labels line given (no loss on it)")
     ap.add_argument('--align', type=int, default=800, help='stage 1 steps (language model frozen)')
     ap.add_argument('--align-lr', type=float, default=Z.VISION_LR, help="stage 1's peak learning rate (projector)")
     ap.add_argument('--tower-lr', type=float, default=0.0, help="stage 1's peak learning rate for the tower (0: frozen)")
@@ -83,6 +86,21 @@ def continue_base(tok, steps:int, geo:int, seed:int=7):
                   steps=steps, batch_size=32, lr=Z.FT_LR, seed=seed, desc='base+')
     return base
 
+def reason_examples(tok, given_labels:bool=False) -> list:
+    "reason-lm's training examples; with `given_labels`, every other chain question loses its labels in words and its answer's labels line is masked from the loss."
+    if not given_labels: return Z._train_examples('reason', tok, 0)
+    from vlm_merge.data import gsm_prompt, geometry_solution, figure_labels
+    g, ch = Z._train_table('gsm', 0, Z.ZOO_SIZES), Z._train_table('chain', 0, Z.ZOO_SIZES)
+    exs = [R.encode_example(tok, gsm_prompt(q), a) for q, a in zip(g.question, g.answer)]
+    for i, (p, c, f) in enumerate(zip(ch.problem, ch.choices, ch.figure)):
+        e = R.encode_example(tok, geometry_prompt(text_problem(p, f) if i % 2 == 0 else p, list(c)), geometry_solution(f))
+        if i % 2:
+            lab = tok(figure_labels(f), add_special_tokens=False)['input_ids']
+            k = next(j for j, l in enumerate(e['labels']) if l != -100)
+            if e['input_ids'][k:k + len(lab)] == lab: e['labels'] = e['labels'][:k] + [-100] * len(lab) + e['labels'][k + len(lab):]
+        exs.append(e)
+    return exs
+
 def text_scores(path, tok, n:int) -> dict:
     "A text model's accuracy on the figure questions with the labels stated in words, and on GSM."
     from transformers import AutoModelForCausalLM
@@ -127,7 +145,7 @@ def main(argv=None):
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if a.reason_steps:
         r = copy.deepcopy(base)
-        R.train_model(r, Z._train_examples('reason', tok, 0), tok.pad_token_id, steps=a.reason_steps, batch_size=32, lr=a.reason_lr, seed=0, desc='reason')
+        R.train_model(r, reason_examples(tok, a.reason_given_labels), tok.pad_token_id, steps=a.reason_steps, batch_size=32, lr=a.reason_lr, seed=0, desc='reason')
         reason_path = _save(r, tok, out / f'{a.tag}-reason'); res['reason'] = {'delta': Z.lm_delta_norm(r, base), **text_scores(reason_path, tok, a.n)}
     else: reason_path = str(Z.zoo_path('reason-lm'))
     if a.labels_first: Z.vision_answer = lambda letter, figure: Z.reading_answer(figure) + '\n#### ' + str(json.loads(figure)['value'])

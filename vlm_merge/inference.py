@@ -113,7 +113,7 @@ def allow_remote_code(path, # the model folder or Hub id
         warnings.warn(f'{path}: trust_remote_code=True runs the Python files {", ".join(files)} of this model folder', stacklevel=2)
     return bool(trust_remote_code)
 
-# %% ../nbs/10_inference.ipynb #01f940fb
+# %% ../nbs/10_inference.ipynb #ea960b96
 def model_ref(model_path:str|Path, # a model folder, a zoo model ('NAME' or 'zoo:NAME'), or a Hub id
              ) -> str:
     "What a loader takes for `model_path`: the folder itself, a zoo model's folder, or a Hub id; a path that does not exist is refused here instead of being sent to the Hub as an id."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_pipeline.ipynb #2d061170
 from __future__ import annotations
-import argparse, json, os, shutil, time
+import argparse, json, math, os, shutil, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .detect import (Detection, detect_neurons, detection_paths, load_detection_samples, read_neuron_json,
@@ -15,7 +15,8 @@ from .checkpoints import patch
 
 # %% auto #0
 __all__ = ['PRESETS', 'SELECTIONS', 'DEMO_MARKER', 'DEMO_KINDS', 'PresetGuessWarning', 'preset_for', 'PipelineConfig',
-           'stage_done', 'mark_done', 'run_pipeline', 'run_cli', 'demo', 'format_demo_table', 'demo_cli']
+           'stage_done', 'mark_done', 'run_pipeline', 'run_cli', 'demo', 'change_noise', 'change_verdict',
+           'format_demo_table', 'demo_cli']
 
 # %% ../nbs/15_pipeline.ipynb #02edee08
 PRESETS = {
@@ -383,19 +384,40 @@ def demo(out:str|Path='./vlm_merge_demo', # output folder
     if not quiet: print(format_demo_table(df, out))
     return df
 
+# %% ../nbs/15_pipeline.ipynb #802ad768
+def change_noise(p0:float, # accuracy of the unmerged model
+                 p1:float, # accuracy of the merge
+                 n:int,    # problems each was scored on
+                ) -> float:
+    "Half-width of the 95% interval of `p1 - p0` for two accuracies on `n` problems each (normal approximation, unpaired: on the safe side)."
+    return 1.96 * math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / max(n, 1))
+
+def change_verdict(changes:list[float], # accuracy changes, one per kind of problem
+                   noise:list[float],   # their `change_noise`
+                  ) -> str:
+    "'helps', 'hurts', 'mixed' or 'no change beyond noise': only changes larger than their noise count."
+    up = any(x > e for x, e in zip(changes, noise)); down = any(x < -e for x, e in zip(changes, noise))
+    return 'mixed' if up and down else 'helps' if up else 'hurts' if down else 'no change beyond noise'
+
 # %% ../nbs/15_pipeline.ipynb #ae468935
 def format_demo_table(df:'pd.DataFrame', out:Path|str='') -> str:
-    "The demo's table, what its columns mean, and a plain verdict per merge."
+    "The demo's table, what its columns mean, and a plain verdict per merge that counts a change only beyond sampling noise."
     kinds = [k for k in DEMO_KINDS if f'{k}_acc' in df]
     cols = ['model', 'method', 'shared_neurons'] + [f'{k}_acc' for k in kinds] + [f'{k}_vs_base' for k in kinds] + [f'{kinds[0]}_n']
     t = df[[c for c in cols if c in df]].rename(columns={f'{kinds[0]}_n': 'n/kind'})
     lines = [t.to_string(index=False, float_format='{:.3f}'.format), '']
     lines += [f'{k}: {DEMO_KINDS[k]}' for k in kinds]
     lines += ['*_acc: accuracy on held-out problems; *_vs_base: change against the unmerged VLM (first row); n/kind: problems per kind', '']
+    base = df.iloc[0]; n = lambda r, k: int(r.get(f'{k}_n', r[f'{kinds[0]}_n']))
     for _, r in df.iloc[1:].iterrows():
         d = [r[f'{k}_vs_base'] for k in kinds]
-        verdict = 'helps' if sum(d) > 0 and min(d) >= -0.02 else 'does not help' if sum(d) <= 0 else 'mixed'
-        lines.append(f"{r['method']}: " + ', '.join(f'{k} {x:+.3f}' for k, x in zip(kinds, d)) + f' vs the unmerged VLM -> {verdict}')
+        z = [change_noise(base[f'{k}_acc'], r[f'{k}_acc'], n(r, k)) for k in kinds]
+        lines.append(f"{r['method']}: " + ', '.join(f'{k} {x:+.3f} (noise +/-{e:.3f})' for k, x, e in zip(kinds, d, z))
+                     + f' vs the unmerged VLM -> {change_verdict(d, z)}')
+    if 'chain' in kinds and len(df) > 1 and all(abs(r['chain_vs_base']) <= change_noise(base['chain_acc'], r['chain_acc'], n(r, 'chain'))
+                                                for _, r in df.iloc[1:].iterrows()):
+        lines += ['No merge moved the chain score beyond noise: on this zoo, reasoning does not transfer into the VLM.',
+                  "Why, measured: 09a_zoo_merges ('Lighter VLMs, measured'): the two fine-tunes interfere instead of adding."]
     if 'seconds' in df.attrs: lines.append(f"time: {df.attrs['seconds']:.0f}s")
     if out: lines.append(f'outputs: {out}/results.tsv, {out}/overlap_heatmap.png, {out}/merged/')
     return '\n'.join(lines)

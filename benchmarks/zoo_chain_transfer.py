@@ -38,6 +38,7 @@ def _args(argv=None):
     ap.add_argument('--out', default='/tmp/zoo_chain_transfer', help='folder for the trial models')
     ap.add_argument('--base-steps', type=int, default=0, help="steps of continued pretraining of base-lm (0: the shipped base-lm)")
     ap.add_argument('--base-geo', type=int, default=Z.ZOO_SIZES['base_geo'], help='figure questions stated in words in that mixture')
+    ap.add_argument('--base-given-labels', type=int, default=0, help='chain solutions in that mixture whose labels line is given (no loss on it, no labels in words)')
     ap.add_argument('--reason-steps', type=int, default=0, help="steps of a light reasoner fine-tune (0: the shipped reason-lm)")
     ap.add_argument('--reason-lr', type=float, default=5e-4, help='its peak learning rate')
     ap.add_argument('--reason-given-labels', action='store_true', help="half the reasoner's chain questions without the labels in words, their labels line given (no loss on it)")
@@ -71,8 +72,17 @@ def held_out_figures() -> set:
     "Every figure of the zoo's test sets: rows drawn for a new mixture must not hold them."
     return {f for k in ('perception', 'chain', 'reasoning') for f in pd.read_parquet(Z.zoo_data_path(f'geometry_{k}.parquet')).figure}
 
-def continue_base(tok, steps:int, geo:int, seed:int=7):
-    "base-lm's pretraining continued for `steps` on its mixture drawn anew (seed `seed`) with `geo` figure questions in words."
+def given_labels_example(tok, problem:str, choices, figure:str) -> dict:
+    "A chain question (no labels stated in words) with its worked answer, whose labels line is given: no loss on it."
+    from vlm_merge.data import geometry_solution, figure_labels
+    e = R.encode_example(tok, geometry_prompt(problem, list(choices)), geometry_solution(figure))
+    lab = tok(figure_labels(figure), add_special_tokens=False)['input_ids']
+    k = next(j for j, l in enumerate(e['labels']) if l != -100)
+    if e['input_ids'][k:k + len(lab)] == lab: e['labels'] = e['labels'][:k] + [-100] * len(lab) + e['labels'][k + len(lab):]
+    return e
+
+def continue_base(tok, steps:int, geo:int, given:int=0, seed:int=7):
+    "base-lm's pretraining continued for `steps` on its mixture drawn anew (seed `seed`) with `geo` figure questions in words and `given` chain solutions from a given labels line."
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(Z.zoo_path('base-lm'), dtype=torch.float32)
     held, tt = held_out_figures(), Z._train_table
@@ -82,7 +92,12 @@ def continue_base(tok, steps:int, geo:int, seed:int=7):
     Z._train_table = dedup
     try: docs = Z.pretraining_mix(seed, {**Z.ZOO_SIZES, 'base_geo': geo})
     finally: Z._train_table = tt
-    R.train_model(base, [R.encode_example(tok, d['prompt'], d['answer']) for d in docs], tok.pad_token_id,
+    exs = [R.encode_example(tok, d['prompt'], d['answer']) for d in docs]
+    if given:
+        from vlm_merge.data import make_geometry
+        ch = make_geometry(given * 2, seed=seed + 16, kind='chain'); ch = ch[~ch.figure.isin(held)].head(given)
+        exs += [given_labels_example(tok, p, c, f) for p, c, f in zip(ch.problem, ch.choices, ch.figure)]
+    R.train_model(base, exs, tok.pad_token_id,
                   steps=steps, batch_size=32, lr=Z.FT_LR, seed=seed, desc='base+')
     return base
 
@@ -93,12 +108,8 @@ def reason_examples(tok, given_labels:bool=False) -> list:
     g, ch = Z._train_table('gsm', 0, Z.ZOO_SIZES), Z._train_table('chain', 0, Z.ZOO_SIZES)
     exs = [R.encode_example(tok, gsm_prompt(q), a) for q, a in zip(g.question, g.answer)]
     for i, (p, c, f) in enumerate(zip(ch.problem, ch.choices, ch.figure)):
-        e = R.encode_example(tok, geometry_prompt(text_problem(p, f) if i % 2 == 0 else p, list(c)), geometry_solution(f))
-        if i % 2:
-            lab = tok(figure_labels(f), add_special_tokens=False)['input_ids']
-            k = next(j for j, l in enumerate(e['labels']) if l != -100)
-            if e['input_ids'][k:k + len(lab)] == lab: e['labels'] = e['labels'][:k] + [-100] * len(lab) + e['labels'][k + len(lab):]
-        exs.append(e)
+        e = R.encode_example(tok, geometry_prompt(text_problem(p, f), list(c)), geometry_solution(f))
+        exs.append(given_labels_example(tok, p, c, f) if i % 2 else e)
     return exs
 
 def text_scores(path, tok, n:int) -> dict:
@@ -110,6 +121,13 @@ def text_scores(path, tok, n:int) -> dict:
         prompts = [geometry_prompt(text_problem(q, f), list(c)) for q, f, c in zip(df.problem, df.figure, df.choices)]
         outs = R.greedy_generate(m, tok, prompts, max_new_tokens=64, batch_size=50)
         out[kind + '_in_words'] = sum(is_correct_choice(o, a, list(c)) for o, a, c in zip(outs, df.answer, df.choices)) / len(df)
+    from vlm_merge.data import figure_labels
+    tok.padding_side = 'left'
+    prompts = [R.chat_prompt(tok, geometry_prompt(q, list(c))) + figure_labels(f) for q, f, c in zip(df.problem, df.figure, df.choices)]
+    enc = tok(prompts, return_tensors='pt', padding=True, add_special_tokens=False)
+    with torch.no_grad(): g = m.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
+    outs = tok.batch_decode(g[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
+    out['chain_from_given_labels'] = sum(is_correct_choice(o, a, list(c)) for o, a, c in zip(outs, df.answer, df.choices)) / len(df)
     g = pd.read_csv(Z.zoo_data_path('mgsm_en.tsv'), sep='\t', dtype=str).head(n)
     out['gsm'] = evaluate(path, 'gsm', g, batch_size=50, max_new_tokens=64, progress=False)[1]['accuracy']
     return out
@@ -140,7 +158,7 @@ def main(argv=None):
     if a.image_last:
         tok.chat_template = proc.chat_template = IMAGE_LAST_TEMPLATE
         proc.tokenizer.chat_template = IMAGE_LAST_TEMPLATE
-    if a.base_steps: base_path = _save(continue_base(tok, a.base_steps, a.base_geo), tok, out / f'{a.tag}-base'); res['base'] = text_scores(base_path, tok, a.n)
+    if a.base_steps: base_path = _save(continue_base(tok, a.base_steps, a.base_geo, a.base_given_labels), tok, out / f'{a.tag}-base'); res['base'] = text_scores(base_path, tok, a.n)
     else: base_path = str(Z.zoo_path('base-lm'))
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if a.reason_steps:

@@ -150,3 +150,18 @@ def test_test_sets_disjoint_from_training():
     for kind in ('perception', 'chain'):
         key = lambda df: set(zip(df.problem, df.figure))
         assert not key(pd.read_parquet(zoo_data_path(f'geometry_{kind}.parquet'))) & (key(T(kind)) | key(T(f'base-{kind}'))), kind
+
+def test_chain_transfer_trials_build_what_they_say():
+    "benchmarks/zoo_chain_transfer.py: a given labels line carries no loss and is not stated in the prompt; --image-last puts the image after the text."
+    import sys, pathlib, json
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / 'benchmarks'))
+    import zoo_chain_transfer as T
+    from vlm_merge.data import make_geometry, figure_labels
+    tok = zoo_tokenizer(); row = make_geometry(1, seed=5, kind='chain').iloc[0]
+    e = T.given_labels_example(tok, row.problem, row.choices, row.figure)
+    text = tok.decode(e['input_ids'])
+    assert 'The figure is labelled' not in text and figure_labels(row.figure) in text
+    supervised = tok.decode([t for t, l in zip(e['input_ids'], e['labels']) if l != -100])
+    assert supervised.startswith('\n') and figure_labels(row.figure) not in supervised and f"#### {json.loads(row.figure)['value']}" in supervised
+    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'Q'}]}]
+    assert tok.apply_chat_template(msgs, chat_template=T.IMAGE_LAST_TEMPLATE, tokenize=False).endswith('Q<image><|eot|>')

@@ -121,8 +121,7 @@ def text_scores(path, tok, n:int) -> dict:
         prompts = [geometry_prompt(text_problem(q, f), list(c)) for q, f, c in zip(df.problem, df.figure, df.choices)]
         outs = R.greedy_generate(m, tok, prompts, max_new_tokens=64, batch_size=50)
         out[kind + '_in_words'] = sum(is_correct_choice(o, a, list(c)) for o, a, c in zip(outs, df.answer, df.choices)) / len(df)
-    from vlm_merge.data import figure_labels
-    tok.padding_side = 'left'
+    from vlm_merge.data import figure_labels   # the chain questions again (`df`), with the labels line given as the answer's start
     prompts = [R.chat_prompt(tok, geometry_prompt(q, list(c))) + figure_labels(f) for q, f, c in zip(df.problem, df.figure, df.choices)]
     enc = tok(prompts, return_tensors='pt', padding=True, add_special_tokens=False)
     with torch.no_grad(): g = m.generate(**enc, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -135,7 +134,8 @@ def text_scores(path, tok, n:int) -> dict:
 def read_accuracy(path, tok, proc, n:int) -> float:
     "Share of held-out figures whose labels line under 'Read the labels.' is exactly right."
     from transformers import AutoModelForImageTextToText
-    m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(); P = pd.read_parquet(Z.zoo_data_path('geometry_perception.parquet')).head(n); ok = 0
+    m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(); ok = 0
+    P = pd.read_parquet(Z.zoo_data_path('geometry_perception.parquet')).head(n)
     for i in range(0, len(P), 50):
         d = P.iloc[i:i + 50]
         enc = proc(text=[R.chat_prompt(tok, Z.READ_PROMPT, image=True)] * len(d), images=[to_pil(x[0]) for x in d.images], return_tensors='pt', padding=True)

@@ -30,7 +30,7 @@ def test_manifest_fields():
 
 # Floors the shipped build did not meet, with the accuracy it reached: stated in 03_zoo and the manifest, never hidden.
 # A rebuild that meets one must remove it from here (the test fails until it does).
-KNOWN_MISSES = {'vlm-llava': 0.83, 'vlm-2': 0.875, 'wide-vlm': 0.805}
+KNOWN_MISSES = {'vlm-llava': 0.845, 'wide-vlm': 0.78}
 
 def test_floors_met():
     "The shipped zoo meets every floor of FLOORS (each model's own task) but the known misses, and the manifest says which."

@@ -325,7 +325,7 @@ def test_inspect_errors(tmp_path, monkeypatch):
     rc, _, err = _run(['someone/not-here'])
     assert rc == 1 and 'not a local folder' in err and 'someone/not-here' in err
     rc, _, err = _run([str(tmp_path / 'no' / 'such' / 'dir')])
-    assert rc == 1 and 'no such folder' in err
+    assert rc == 1 and 'no such file or folder' in err
 
 
 def test_console_script(tiny, tmp_path):

@@ -178,7 +178,7 @@ def test_missing_model_folder_is_named(tmp_path):
     "A path that does not exist is named as a missing folder, before any data is looked for, not sent to the Hub as a repo id."
     for data in ([], ['--data', 'mgsm_en.tsv']):
         line = one_error_line(cli('infer', '--model_path', tmp_path/'nope', '--task', 'gsm', *data), 'infer')
-        assert f"{tmp_path/'nope'}: no such model folder" in line and 'Repo id' not in line, line
+        assert f"{tmp_path/'nope'}: no such file or folder" in line and 'Repo id' not in line, line
 
 # -- silent wrong results ------------------------------------------------------------------
 def test_neuron_merge_refuses_nan(tmp_path):

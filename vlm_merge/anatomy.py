@@ -463,9 +463,8 @@ def inspect_checkpoint(path:str, # a local save_pretrained folder or a Hub id
     "Family, head geometry, layer count, layout and sample parsed keys of a checkpoint (no tensor is loaded)."
     p = Path(path)
     if not p.exists():   # a zoo model by name, else the Hub (not at all when offline)
-        from vlm_merge.checkpoints import zoo_model_path, _zoo_names, _looks_local
-        if _looks_local(str(path)): raise FileNotFoundError(f'{path}: no such folder (and not a Hub id)')
-        p = zoo_model_path(str(path)) or p
+        from vlm_merge.checkpoints import local_model_path, _zoo_names
+        p = local_model_path(path) or p   # refuses a path that is not there
         if not p.exists():
             from huggingface_hub import constants
             where = f"'{path}' is not a local folder or a zoo model ({', '.join(_zoo_names())})"

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['HUB_PATTERNS', 'BIN_PATTERNS', 'CheckpointError', 'MissingTensorError', 'parse_size', 'to_dtype', 'zoo_model_path',
-           'resolve_model_path', 'is_hub_ref', 'shown_ref', 'read_safetensors_header', 'patch', 'CheckpointReader',
-           'remote_code_files', 'rss_bytes']
+           'local_model_path', 'resolve_model_path', 'is_hub_ref', 'shown_ref', 'read_safetensors_header', 'patch',
+           'CheckpointReader', 'remote_code_files', 'rss_bytes']
 
 # %% ../nbs/01_checkpoints.ipynb #52abef42
 class CheckpointError(ValueError):
@@ -93,6 +93,17 @@ def _inside(p:Path, root:Path) -> bool:
 def _looks_local(s:str) -> bool:
     return s.startswith(('/', '.', '~', '\\')) or s.count('/') > 1 or ':' in s[:3] or s.endswith(('.safetensors', '.bin', '.json'))
 
+def local_model_path(path_or_id:str|os.PathLike, # a folder or file, a zoo model ('NAME' or 'zoo:NAME'), or a Hub id
+                    ) -> Path|None:
+    "The local path `path_or_id` names (absolute), or None for a Hub id; a path that is not there is refused, in the one wording every loader uses."
+    p = Path(path_or_id).expanduser()
+    if p.exists(): return p.absolute()
+    s = str(path_or_id)
+    z = zoo_model_path(s)
+    if z is not None: return z
+    if _looks_local(s): raise CheckpointError(f"{s}: no such file or folder (and not a zoo model: {', '.join(_zoo_names())})")
+    return None
+
 # %% ../nbs/01_checkpoints.ipynb #04e56bef
 def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or a Hub id such as 'Qwen/Qwen2.5-VL-7B-Instruct'
                        revision:str|None=None, # Hub branch, tag or commit (Hub ids only)
@@ -101,12 +112,9 @@ def resolve_model_path(path_or_id:str|os.PathLike, # a local folder or file, or 
                        local_files_only:bool=False, # never touch the network, use the Hub cache only
                       ) -> Path:
     "A local path for `path_or_id`: the folder (or file) itself, a zoo model (`NAME` or `zoo:NAME`), or a Hub snapshot in the local cache."
-    p = Path(path_or_id).expanduser()
-    if p.exists(): return p.absolute()
+    p = local_model_path(path_or_id)
+    if p is not None: return p
     s = str(path_or_id)
-    z = zoo_model_path(s)
-    if z is not None: return z
-    if _looks_local(s): raise CheckpointError(f'{s}: no such file or folder')
     from huggingface_hub import snapshot_download, constants
     offline = bool(constants.HF_HUB_OFFLINE)
     names = ', '.join(_zoo_names())

@@ -117,13 +117,9 @@ def allow_remote_code(path, # the model folder or Hub id
 def model_ref(model_path:str|Path, # a model folder, a zoo model ('NAME' or 'zoo:NAME'), or a Hub id
              ) -> str:
     "What a loader takes for `model_path`: the folder itself, a zoo model's folder, or a Hub id; a path that does not exist is refused here instead of being sent to the Hub as an id."
-    from vlm_merge.checkpoints import zoo_model_path, _looks_local, _zoo_names
-    s = str(model_path)
-    if Path(s).expanduser().exists(): return s
-    z = zoo_model_path(s)
-    if z is not None: return str(z)
-    if _looks_local(s): raise FileNotFoundError(f"{s}: no such model folder (and not a zoo model: {', '.join(_zoo_names())})")
-    return s
+    from vlm_merge.checkpoints import local_model_path
+    p = local_model_path(model_path)   # refuses a path that is not there
+    return str(model_path) if p is None else str(p)
 
 # %% ../nbs/10_inference.ipynb #534840cf
 def _eos_ids(model, tokenizer) -> list|None:

@@ -116,6 +116,21 @@ def test_specialist_beats_others_on_own_task():
         assert own > MAN['models']['base-lm']['accuracy'][s]['accuracy'], s
         assert own > MAN['models']['reason-lm']['accuracy'][s]['accuracy'], s
 
+def test_ties_of_the_specialists_keeps_their_skills(tmp_path):
+    "The zoo's reason to exist: TIES (density 0.5) of the three specialists into base-lm keeps at least 0.85 of their accuracy (issue 13's target), and more than base-lm alone."
+    from vlm_merge.engine import run_merge
+    from vlm_merge.zoo import _eval_text
+    tok, base = zoo_tokenizer(), zoo_path('base-lm')
+    ms = '\n'.join(f'  - model: {zoo_path(s)}\n    parameters: {{weight: 1.0, density: 0.5}}' for s in SPEC_TASKS)
+    out = run_merge(f"merge_method: ties\nbase_model: {base}\nmodels:\n{ms}\ndtype: float32\n", tmp_path / 'ties', progress=False)
+    sets = {s: pd.read_csv(zoo_data_path(s.replace('-', '_') + '.tsv'), sep='\t', dtype=str).head(100) for s in SPEC_TASKS}
+    acc = lambda p, s: _eval_text(p, tok, sets[s])['accuracy']
+    own = {s: acc(zoo_path(s), s) for s in SPEC_TASKS}
+    norm = lambda p: sum(acc(p, s) / own[s] for s in SPEC_TASKS) / len(SPEC_TASKS)
+    merged, alone = norm(out), norm(base)
+    print(f"TIES normalised {merged:.3f}, base-lm alone {alone:.3f}")
+    assert merged >= 0.85 and merged > alone + 0.1, (merged, alone)
+
 def test_cli_info(capsys):
     assert zoo_cli(['info', '--json']) == 0
     info = json.loads(capsys.readouterr().out)

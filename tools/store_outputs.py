@@ -6,7 +6,7 @@ Runs every code cell in order in one kernel (slow cells included: their outputs 
 except cells whose source contains one of the `--skip` strings (for example a cell that rebuilds the zoo):
 those keep no output. Progress bars written to stderr are dropped. Then clean the notebook with `nbdev_clean --fname NB`.
 """
-import argparse, re, sys, time
+import argparse, os, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -42,6 +42,7 @@ def main(argv=None):
     path = Path(a.notebook); nb = nbformat.read(path, as_version=4)
     if a.strip_only:
         print(f'{path}: {strip_noise(nb)} progress-bar outputs dropped'); nbformat.write(nb, path); return
+    os.environ.pop('MPLBACKEND', None)   # the kernel must use its inline backend: with Agg no figure is stored
     client = NotebookClient(nb, timeout=a.timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
     t0 = time.time()
     with client.setup_kernel():

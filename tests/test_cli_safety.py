@@ -40,6 +40,11 @@ def test_every_command_has_a_fast_parser_with_defaults():
         assert r.returncode == 0 and 'usage: vlm-merge' in r.stdout, (c, r.stderr)
         assert time.perf_counter() - t0 < 5, c   # the 0.5 s target is for the console script on a quiet machine
 
+def test_output_into_a_closed_pipe_is_not_an_error():
+    "`vlm-merge zoo info | head`: a reader that stops early (here: reads nothing) is not an error; no 'Broken pipe' line, no traceback."
+    r = subprocess.run(f'{sys.executable} -m vlm_merge.cli zoo info | true', shell=True, capture_output=True, text=True, timeout=120)
+    assert r.stderr == '', r.stderr
+
 def test_help_does_not_import_torch():
     code = ('import sys; from vlm_merge.cli import main\n'
             'try: main(["merge", "--help"])\nexcept SystemExit: pass\nassert "torch" not in sys.modules, "torch imported for --help"')

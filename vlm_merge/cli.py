@@ -101,6 +101,9 @@ def run_command(command:str, # a key of `COMMANDS`
         if command in PARSERS: parse_args(command, argv)   # --help, bad values: answered before torch is imported
         return int(_resolve(command)(argv) or 0)
     except SystemExit: raise
+    except BrokenPipeError:   # the reader went away (`vlm-merge zoo info | head`): not an error, and nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the flush at exit does not fail again
+        return 141
     except BaseException as e:   # KeyboardInterrupt too: one line, no traceback unless asked
         if debug: traceback.print_exc()
         print(error_line(command, e), file=sys.stderr)

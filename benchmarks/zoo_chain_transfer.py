@@ -22,6 +22,11 @@ labels line under 'Read the labels.'. The last line is JSON. The table "Lighter 
     python benchmarks/zoo_chain_transfer.py ilf --tower-lr 1e-3 --image-last --labels-first --s2 600 --s2-lr 5e-4
     python benchmarks/zoo_chain_transfer.py rflH --tower-lr 1e-3 --image-last --labels-first --replay-figures --s2 600 \
         --s2-lr 5e-4 --reason-steps 1000 --reason-lr 1e-3 --reason-given-labels
+
+The base trials of `03_zoo` ("What the next rebuild should change"), the shipped VLM recipe on a continued base:
+
+    python benchmarks/zoo_chain_transfer.py bg6 --base-steps 800 --base-geo 6000 --align 400 --s2 1200 --s2-lr 1e-3 \
+        --replay 0 --weights 1.0 --n 200        # ctl: no --base-*; bs8: --base-steps 800 only; bg6s6: --s2 600
 """
 import argparse, copy, json, os, random, sys, time
 from pathlib import Path

@@ -136,17 +136,22 @@ def text_scores(path, tok, n:int) -> dict:
     out['gsm'] = evaluate(path, 'gsm', g, batch_size=50, max_new_tokens=64, progress=False)[1]['accuracy']
     return out
 
+def labels_read(model, proc, tok, P:pd.DataFrame, batch:int=50) -> list:
+    "Per figure of `P`: is the whole labels line, answered under 'Read the labels.', exactly right?"
+    ok = []
+    for i in range(0, len(P), batch):
+        d = P.iloc[i:i + batch]
+        enc = proc(text=[R.chat_prompt(tok, Z.READ_PROMPT, image=True)] * len(d), images=[to_pil(x[0]) for x in d.images], return_tensors='pt', padding=True)
+        with torch.no_grad(): g = model.generate(**enc, max_new_tokens=24, do_sample=False)
+        ok += [o.strip() == Z.reading_answer(f) for o, f in zip(tok.batch_decode(g[:, enc['input_ids'].shape[1]:], skip_special_tokens=True), d.figure)]
+    return ok
+
 def read_accuracy(path, tok, proc, n:int) -> float:
     "Share of held-out figures whose labels line under 'Read the labels.' is exactly right."
     from transformers import AutoModelForImageTextToText
-    m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(); ok = 0
-    P = pd.read_parquet(Z.zoo_data_path('geometry_perception.parquet')).head(n)
-    for i in range(0, len(P), 50):
-        d = P.iloc[i:i + 50]
-        enc = proc(text=[R.chat_prompt(tok, Z.READ_PROMPT, image=True)] * len(d), images=[to_pil(x[0]) for x in d.images], return_tensors='pt', padding=True)
-        with torch.no_grad(): g = m.generate(**enc, max_new_tokens=24, do_sample=False)
-        ok += sum(o.strip() == Z.reading_answer(f) for o, f in zip(tok.batch_decode(g[:, enc['input_ids'].shape[1]:], skip_special_tokens=True), d.figure))
-    return ok / len(P)
+    m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ok = labels_read(m, proc, tok, pd.read_parquet(Z.zoo_data_path('geometry_perception.parquet')).head(n))
+    return sum(ok) / len(ok)
 
 def vlm_scores(path, tok, proc, n:int) -> dict:
     "Perception and chain accuracy with the figure, and the reading accuracy."

@@ -20,23 +20,8 @@ import pandas as pd, torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import zoo_chain_transfer as T   # noqa: E402
-import vlm_merge.zoo_recipe as R
 from vlm_merge import zoo as Z
-from vlm_merge.data import to_pil
 from vlm_merge.inference import evaluate
-
-
-def labels_read(model, proc, tok, P:pd.DataFrame, batch:int=50) -> list[bool]:
-    "Per figure: is the whole labels line, answered under 'Read the labels.', exactly right?"
-    ok = []
-    for i in range(0, len(P), batch):
-        d = P.iloc[i:i + batch]
-        enc = proc(text=[R.chat_prompt(tok, Z.READ_PROMPT, image=True)] * len(d), images=[to_pil(x[0]) for x in d.images],
-                   return_tensors='pt', padding=True)
-        with torch.no_grad(): g = model.generate(**enc, max_new_tokens=24, do_sample=False)
-        outs = tok.batch_decode(g[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
-        ok += [o.strip() == Z.reading_answer(f) for o, f in zip(outs, d.figure)]
-    return ok
 
 
 def vlm_errors(name:str, rows:int) -> str:
@@ -45,7 +30,7 @@ def vlm_errors(name:str, rows:int) -> str:
     path, tok = str(Z.zoo_path(name)), Z.zoo_tokenizer()
     P = pd.read_parquet(Z.zoo_data_path('geometry_perception.parquet')).head(rows)
     m = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    read = labels_read(m, AutoProcessor.from_pretrained(path), tok, P)
+    read = T.labels_read(m, AutoProcessor.from_pretrained(path), tok, P)
     df, s = evaluate(path, 'multimodal', P, batch_size=50, progress=False)
     df['read'] = read
     labels = lambda f: {str(v) for k, v in json.loads(f).items() if k not in ('shape', 'asked', 'value')}

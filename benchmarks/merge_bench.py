@@ -22,14 +22,15 @@ float32; `--shard-size 10GB` the large-shard case; `--compat` adds `mergekit_com
 vlm-merge's config. Targets of issue 19 (374M, idle 2-core machine): each method >= 3x faster than
 mergekit (TIES >= 5x), within 2x of the floor, peak RSS <= 1 GB.
 
-Measured on the issue's bench (374M, `--method all --repeat 3`, mergekit 0.1.5, load 0.3-1.9 counting
-the bench's own runs; the table and the analysis are in nbs/09_streaming.ipynb, "Measured"):
-speed-up against mergekit linear 2.30x, task arithmetic 1.70x, TIES 5.07x, DARE-TIES 1.80x, slerp 2.53x;
-vlm-merge / floor 4.0-9.3x (the floor 1.1-1.7 s; importing torch alone takes 2.0-2.7 s, so "within 2x
-of the floor" is below what any torch-based tool can do); vlm-merge's own peak RSS 0.27-0.65 GiB with
-bf16 or float32 output, 5GB or 10GB shards. Before this round: linear 1.31x, task arithmetic 1.19x,
-TIES 2.50x, slerp 1.64x. The peak RSS printed for runs after the first comparison includes the bench
-process's own RSS (a forked child is charged it until it execs): use `--skip-mergekit` runs for RSS.
+Measured on the issue's bench (374M, `--method all --repeat 3`, mergekit 0.1.5; the tables and the analysis are in
+nbs/09_streaming.ipynb, "Measured"). Three runs on 2026-12-07, idle machine (load 1.0-1.6, the bench's own):
+speed-up against mergekit linear 2.63-3.14x, task arithmetic 2.19-2.94x, TIES 6.21-6.50x, DARE-TIES 2.48-2.78x,
+slerp 3.40-3.77x; the round before (one run, load 0.3-1.9): 2.30x, 1.70x, 5.07x, 1.80x, 2.53x. The floor is 0.5-0.7 s
+and `import torch` alone 1.3-1.6 s, so "within 2x of the floor" is below what any torch-based tool can do.
+vlm-merge's own peak RSS 0.27-0.65 GiB with bf16 or float32 output, 5GB or 10GB shards. The peak RSS printed for
+runs after the first comparison includes the bench process's own RSS (a forked child is charged it until it execs):
+use `--skip-mergekit` runs for RSS. Each timed run starts after `os.sync()`, so no run pays for the writeback of
+the last one's output.
 """
 from __future__ import annotations
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
@@ -98,7 +99,7 @@ def bench_method(method: str, root: Path, a) -> dict:
         best = None
         for _ in range(a.repeat):
             if out is not None: shutil.rmtree(out, ignore_errors=True)
-            l0 = load()
+            os.sync(); l0 = load()   # no writeback of the last run's output left to steal the next run's CPU
             r = run_measured(cmd, root / f'{method}_{name}.log', env); r['load'] = l0
             if best is None or r['seconds'] < best['seconds']: best = r
         res[name] = best

@@ -16,9 +16,9 @@ __all__ = ['CHUNK_ELEMENTS', 'CACHE_ELEMENTS', 'STREAMED', 'tensor_seed', 'strea
 
 # %% ../nbs/09_streaming.ipynb #0dc5bc18
 def _finite(t:torch.Tensor, what:str, fast:bool=False):
-    "Refuse NaN/Inf in `t` (`what` names the tensor and model); `fast`: a finite float32 sum proves it finite."
+    "Refuse NaN/Inf in `t` (`what` names the tensor and model); `fast`: a finite sum proves it finite."
     if not t.is_floating_point(): return
-    if fast and bool(torch.isfinite(t.sum(dtype=torch.float32))): return
+    if fast and bool(torch.isfinite(t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum())): return
     if not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
         raise MergeRefused(f'NaN/Inf in input: {n} non-finite value(s) in {what}')
@@ -29,7 +29,7 @@ def tensor_seed(seed:int|None, key:str) -> int|None:
     return None if seed is None else (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
 
 # %% ../nbs/09_streaming.ipynb #6d6c16a9
-CHUNK_ELEMENTS = 1 << 16   # elements per chunk of the streaming kernels (256 kB in float32: the temporaries stay in cache)
+CHUNK_ELEMENTS = 1 << 18   # elements per chunk of the streaming kernels (1 MB in float32; see the prose below for why not smaller)
 CACHE_ELEMENTS = 1 << 22   # a tensor up to this size is read once; every pass then works on the copy in memory
 
 # %% ../nbs/09_streaming.ipynb #8f2b7e44
@@ -317,7 +317,8 @@ def _above(d:torch.Tensor, # one chunk of a task vector (float32)
 
 # %% ../nbs/09_streaming.ipynb #3cfdf739
 def _dare_sums(chunks, per:list, gens,
-               masks:list|None=None # when a list: each model's drawn keep-masks are appended to it (drawn once, used again)
+               masks:list|None=None, # when a list: each model's drawn keep-masks are appended to it (drawn once, used again)
+               sub:int=CHUNK_ELEMENTS # elements per piece of a chunk's arithmetic (a held tensor comes as one chunk)
               ) -> list:
     "L1 norms (float64) of each task vector and of its DARE-dropped self, drawing the drop from `gens()` (fresh generators)."
     before, after = [[] for _ in per], [[] for _ in per]
@@ -327,9 +328,13 @@ def _dare_sums(chunks, per:list, gens,
         for i, (d, p) in enumerate(zip(ds, per)):
             dens = float(p.get('density', 1.0))
             if dens >= 1 or dens <= 0: ks.append(None); continue
-            keep = torch.rand(d.shape, generator=g[i], device=d.device, dtype=torch.float32) < dens
-            before[i].append(_reductions(d.abs().float()).tolist())   # floats, not small tensors: kept tensors would pin the heap
-            after[i].append(_reductions((d * keep.to(d.dtype)).abs().float()).tolist())
+            keep = torch.empty(d.shape, dtype=torch.bool, device=d.device)
+            for a, b in _row_ranges(tuple(d.shape), sub if d.dim() != 1 else max(sub, d.numel())):   # a vector: one sum
+                x, k = (d, keep) if a is None else (d[a:b], keep[a:b])
+                torch.lt(torch.rand(x.shape, generator=g[i], device=d.device, dtype=torch.float32), dens, out=k)
+                ax = x.abs().float()
+                before[i].append(_reductions(ax).tolist())   # floats, not small tensors: kept tensors would pin the heap
+                after[i].append(_reductions(ax.mul_(k)).tolist())
             ks.append(keep)
         if masks is not None: masks.append(ks)
     return [(_fsum(b), _fsum(a)) for b, a in zip(before, after)]
@@ -377,12 +382,12 @@ def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|N
     if dens >= 1: return d
     if dens <= 0: return torch.zeros_like(d)
     if keep is None: keep = torch.rand(d.shape, generator=g, device=d.device, dtype=torch.float32) < dens
-    masked = d * keep.to(d.dtype)
+    masked = d * keep   # the bool mask multiplies as 0 and 1, without a float copy of it
     if not gp.get('rescale', False): return masked
     if gp.get('rescale_mode', 'l1') != 'l1': return masked / dens
     before, after = sums
     if before < 1e-7 or after < 1e-7: return masked
-    return masked * (torch.tensor(before, dtype=d.dtype) / torch.tensor(after, dtype=d.dtype))
+    return masked.mul_(torch.tensor(before, dtype=d.dtype) / torch.tensor(after, dtype=d.dtype))   # `masked` is this call's own
 
 # %% ../nbs/09_streaming.ipynb #9e9cd999
 def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype)
@@ -397,7 +402,8 @@ def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype
 # %% ../nbs/09_streaming.ipynb #f2593ec6
 def _merge_chunk(s:dict, v:list, state:dict,
                  ds:list|None=None, # the chunk's task vectors, computed already (None: from `v`)
-                 rows:tuple=(None, None) # the chunk's rows in the tensor (to slice masks kept by the pre-pass)
+                 rows:tuple=(None, None), # the chunk's rows in the tensor (to slice masks kept by the pre-pass)
+                 j:int|None=None # the chunk's number (DARE masks the pre-pass kept chunk by chunk)
                 ) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
@@ -409,10 +415,11 @@ def _merge_chunk(s:dict, v:list, state:dict,
         if c is None: return (1 - t) * v[0] + t * v[1]
         return c[0] * v[0] + c[1] * v[1]
     base, ds = v[0], ([x - v[0] for x in v[1:]] if ds is None else list(ds))
-    kept = state.get('masks')
+    by_chunk = j is not None and state.get('chunk_masks') is not None
+    kept = state['chunk_masks'][j] if by_chunk else state.get('masks')
     for i, d in enumerate(ds):
         if s['spars'] == 'random':
-            k = None if kept is None or kept[i] is None else (kept[i] if rows[0] is None else kept[i][rows[0]:rows[1]])
+            k = None if kept is None or kept[i] is None else (kept[i] if by_chunk or rows[0] is None else kept[i][rows[0]:rows[1]])
             ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i], keep=k); continue
         sel = state['trim'][i] if state['trim'] else None
         if sel is None: continue
@@ -432,7 +439,8 @@ def _merge_chunk(s:dict, v:list, state:dict,
 # %% ../nbs/09_streaming.ipynb #7afdfc53
 def _prepare(s:dict, chunks, name:str,
              deltas=None, # callable -> iterator of each chunk's task vectors (None: computed from `chunks`)
-             whole:bool=False # the chunks are one chunk, the whole tensor in memory: keys and DARE masks are kept for the chunk pass
+             whole:bool=False, # the chunks are one chunk, the whole tensor in memory: keys and DARE masks are kept for the chunk pass
+             masks_by_chunk:bool=False # keep DARE's masks chunk by chunk, for a chunk pass over the same chunks (`state['chunk_masks']`)
             ) -> dict:
     "The state of the chunk pass: trim thresholds, DARE norms and generators, slerp weights (the pre-passes run here)."
     state = {'trim': None, 'need': None, 'sums': [None] * len(s['per']), 'coefs': None, 'masks': None, 'keys': {} if whole else None}
@@ -442,9 +450,10 @@ def _prepare(s:dict, chunks, name:str,
         state['need'] = [None if sel is None else [[need for _, need in sel], s['specs'][i]] for i, sel in enumerate(state['trim'])]
         if whole: state['cuts'] = _tie_cuts(state)
     if s['spars'] == 'random' and s['gp'].get('rescale', False) and s['gp'].get('rescale_mode', 'l1') == 'l1':
-        masks = [] if whole else None
+        masks = [] if whole or masks_by_chunk else None
         state['sums'] = _dare_sums(deltas, s['per'], s['gens'], masks)
         if whole: state['masks'] = masks[0]
+        elif masks_by_chunk: state['chunk_masks'] = masks
     if s['m'].name == 'slerp':
         acc = [[], [], []]
         for v in chunks():
@@ -490,7 +499,7 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
         for x, lab in zip(raw, labels): _finite(x, lab)
         raise MergeRefused(f'{name}: the merge produced NaN or Inf')
     if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name, refuse)
-    pre = _row_ranges(shape, 16 * chunk) if len(shape) != 1 else ranges   # the pre-passes keep no chunk: larger ones
+    pre = _row_ranges(shape, max(chunk, 1 << 20)) if len(shape) != 1 else ranges   # the pre-passes keep no chunk: larger ones (4 MB in float32)
     raw_pre = (lambda a, b: read(a, b)) if method == 'slerp' else (lambda a, b: [get(i, a, b) for i in range(n_in)])   # checked in the chunk pass
     chunks = lambda: (cast(raw_pre(a, b)) for a, b in pre)
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them
@@ -521,17 +530,17 @@ def _merge_held(s:dict, read, ranges:list, shape:tuple, cast, same, put, out_dty
         if not bool(torch.isfinite(raw[0].sum(dtype=torch.float32))): refuse(raw)
         for a, b in ranges: put(a, b, sl(raw, a, b)[0].float().to(out_dtype))
         return
-    whole = s['spars'] in ('magnitude', 'magnitude_outliers') or (s['spars'] == 'random' and s['gp'].get('rescale', False)
-                                                                 and s['gp'].get('rescale_mode', 'l1') == 'l1')
-    if whole:   # task vectors, their keys and DARE's masks computed once, for the pre-passes and the chunk pass
+    whole = s['spars'] in ('magnitude', 'magnitude_outliers')
+    dare = s['spars'] == 'random' and s['gp'].get('rescale', False) and s['gp'].get('rescale_mode', 'l1') == 'l1'
+    if whole:   # task vectors and their keys computed once, for the pre-passes and the chunk pass
         v = cast(raw); del raw
         D = [x - v[0] for x in v[1:]]
         state = _prepare(s, lambda: iter([v]), name, deltas=lambda: iter([D]), whole=True)
-    else:   # one pass (slerp's reductions are per row): chunks of the held inputs, cast as they are used
-        state = _prepare(s, lambda: (cast(sl(raw, a, b)) for a, b in ranges), name)
-    for a, b in ranges:
+    else:   # chunks of the held inputs, cast as they are used (slerp's reductions are per row; DARE's masks kept chunk by chunk)
+        state = _prepare(s, lambda: (cast(sl(raw, a, b)) for a, b in ranges), name, masks_by_chunk=dare)
+    for j, (a, b) in enumerate(ranges):
         if whole: res = _merge_chunk(s, sl(v, a, b), state, ds=sl(D, a, b), rows=(a, b))
-        else: res = _merge_chunk(s, cast(sl(raw, a, b)), state)
+        else: res = _merge_chunk(s, cast(sl(raw, a, b)), state, j=j)
         if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(sl(v, a, b) if whole else sl(raw, a, b))
         put(a, b, res.float().to(out_dtype))
 

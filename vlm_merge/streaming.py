@@ -42,6 +42,13 @@ def _row_ranges(shape:tuple, # tensor shape
     step = max(1, chunk // max(1, n // max(rows, 1)))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)] if len(shape) else [(None, None)]
 
+# %% ../nbs/09_streaming.ipynb #65c30116
+def _chunk_ranges(shape:tuple, # tensor shape
+                  chunk:int # elements per chunk
+                 ) -> list:
+    "`_row_ranges`, but a vector stays one range (its reductions are one sum, the same for every chunk size)."
+    return _row_ranges(shape, chunk if len(shape) != 1 else max(chunk, shape[0]))
+
 # %% ../nbs/09_streaming.ipynb #1b4215e7
 _GTA = {'task_arithmetic': (None, None), 'ties': ('magnitude', 'sum'), 'dare_ties': ('random', 'sum'),
         'dare_linear': ('random', None), 'breadcrumbs': ('magnitude_outliers', None), 'breadcrumbs_ties': ('magnitude_outliers', 'sum')}
@@ -329,7 +336,7 @@ def _dare_sums(chunks, per:list, gens,
             dens = float(p.get('density', 1.0))
             if dens >= 1 or dens <= 0: ks.append(None); continue
             keep = torch.empty(d.shape, dtype=torch.bool, device=d.device)
-            for a, b in _row_ranges(tuple(d.shape), sub if d.dim() != 1 else max(sub, d.numel())):   # a vector: one sum
+            for a, b in _chunk_ranges(tuple(d.shape), sub):
                 x, k = (d, keep) if a is None else (d[a:b], keep[a:b])
                 torch.lt(torch.rand(x.shape, generator=g[i], device=d.device, dtype=torch.float32), dens, out=k)
                 ax = x.abs().float()
@@ -402,8 +409,8 @@ def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype
 # %% ../nbs/09_streaming.ipynb #f2593ec6
 def _merge_chunk(s:dict, v:list, state:dict,
                  ds:list|None=None, # the chunk's task vectors, computed already (None: from `v`)
-                 rows:tuple=(None, None), # the chunk's rows in the tensor (to slice masks kept by the pre-pass)
-                 j:int|None=None # the chunk's number (DARE masks the pre-pass kept chunk by chunk)
+                 rows:tuple=(None, None), # the chunk's rows in the tensor (to slice the keys kept by the pre-pass)
+                 j:int|None=None # the chunk's number (the DARE masks its pre-pass kept)
                 ) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
@@ -415,12 +422,10 @@ def _merge_chunk(s:dict, v:list, state:dict,
         if c is None: return (1 - t) * v[0] + t * v[1]
         return c[0] * v[0] + c[1] * v[1]
     base, ds = v[0], ([x - v[0] for x in v[1:]] if ds is None else list(ds))
-    by_chunk = j is not None and state.get('chunk_masks') is not None
-    kept = state['chunk_masks'][j] if by_chunk else state.get('masks')
+    kept = None if j is None or state['masks'] is None else state['masks'][j]
     for i, d in enumerate(ds):
         if s['spars'] == 'random':
-            k = None if kept is None or kept[i] is None else (kept[i] if by_chunk or rows[0] is None else kept[i][rows[0]:rows[1]])
-            ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i], keep=k); continue
+            ds[i] = _dare_delta(d, s['per'][i], state['gens'][i], s['gp'], state['sums'][i], keep=None if kept is None else kept[i]); continue
         sel = state['trim'][i] if state['trim'] else None
         if sel is None: continue
         cut = (state.get('cuts') or {}).get(i)
@@ -439,8 +444,8 @@ def _merge_chunk(s:dict, v:list, state:dict,
 # %% ../nbs/09_streaming.ipynb #7afdfc53
 def _prepare(s:dict, chunks, name:str,
              deltas=None, # callable -> iterator of each chunk's task vectors (None: computed from `chunks`)
-             whole:bool=False, # the chunks are one chunk, the whole tensor in memory: keys and DARE masks are kept for the chunk pass
-             masks_by_chunk:bool=False # keep DARE's masks chunk by chunk, for a chunk pass over the same chunks (`state['chunk_masks']`)
+             whole:bool=False, # the chunks are one chunk, the whole tensor in memory: the trims' keys are kept for the chunk pass
+             masks_by_chunk:bool=False # keep DARE's masks chunk by chunk, for a chunk pass over the same chunks (`state['masks']`)
             ) -> dict:
     "The state of the chunk pass: trim thresholds, DARE norms and generators, slerp weights (the pre-passes run here)."
     state = {'trim': None, 'need': None, 'sums': [None] * len(s['per']), 'coefs': None, 'masks': None, 'keys': {} if whole else None}
@@ -450,10 +455,8 @@ def _prepare(s:dict, chunks, name:str,
         state['need'] = [None if sel is None else [[need for _, need in sel], s['specs'][i]] for i, sel in enumerate(state['trim'])]
         if whole: state['cuts'] = _tie_cuts(state)
     if s['spars'] == 'random' and s['gp'].get('rescale', False) and s['gp'].get('rescale_mode', 'l1') == 'l1':
-        masks = [] if whole or masks_by_chunk else None
-        state['sums'] = _dare_sums(deltas, s['per'], s['gens'], masks)
-        if whole: state['masks'] = masks[0]
-        elif masks_by_chunk: state['chunk_masks'] = masks
+        state['masks'] = [] if masks_by_chunk else None
+        state['sums'] = _dare_sums(deltas, s['per'], s['gens'], state['masks'])
     if s['m'].name == 'slerp':
         acc = [[], [], []]
         for v in chunks():
@@ -484,7 +487,7 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     n_in = len(per) + (0 if method == 'linear' else 1)
     labels = labels or [f'{name} (input {i})' for i in range(n_in)]
     spec = gp.get('compute_dtype', 'input' if gp.get('mergekit_compat') else None)
-    ranges = _row_ranges(shape, chunk if len(shape) != 1 else max(chunk, shape[0]))   # a vector is one row: its reductions are one sum
+    ranges = _chunk_ranges(shape, chunk)
     s = _setup(method, per, gp, shape, None, seed, name)
     load = gp.get('load_dtype')   # mergekit_compat: the dtype mergekit loads the inputs in, before computing
     cast = lambda raw: [x.to(_resolve_dtype(spec, raw)) for x in ([r.to(load) for r in raw] if load is not None else raw)]
@@ -499,7 +502,7 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
         for x, lab in zip(raw, labels): _finite(x, lab)
         raise MergeRefused(f'{name}: the merge produced NaN or Inf')
     if s['n'] <= cache: return _merge_held(s, read, ranges, shape, cast, same, put, out_dtype, name, refuse)
-    pre = _row_ranges(shape, max(chunk, 1 << 20)) if len(shape) != 1 else ranges   # the pre-passes keep no chunk: larger ones (4 MB in float32)
+    pre = _chunk_ranges(shape, max(chunk, 1 << 20))   # the pre-passes keep no chunk: larger ones (4 MB in float32)
     raw_pre = (lambda a, b: read(a, b)) if method == 'slerp' else (lambda a, b: [get(i, a, b) for i in range(n_in)])   # checked in the chunk pass
     chunks = lambda: (cast(raw_pre(a, b)) for a, b in pre)
     def pass_through():   # identical inputs: passed through, bit for bit, as merge_tensors passes them

@@ -32,9 +32,7 @@ from vlm_merge import zoo
 
 def clean_rows(n_geo:int, test:pd.DataFrame) -> pd.DataFrame:
     "The test rows that the perception training table of `n_geo` rows (seed 0) does not hold."
-    tr = zoo._train_table('perception', 0, {**zoo.ZOO_SIZES, 'train_geo': n_geo})
-    seen = set(zip(tr.problem, tr.figure))
-    return test[[(p, f) not in seen for p, f in zip(test.problem, test.figure)]].reset_index(drop=True)
+    return zoo._dedupe(test, zoo._train_table('perception', 0, {**zoo.ZOO_SIZES, 'train_geo': n_geo}), ['problem', 'figure'])   # as the build cleans its test sets
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

@@ -19,7 +19,7 @@ the jobs share the machine's memory bandwidth):
 The floor (0.90) still holds, and the job takes half the CPU time: about 8 of the zoo's 70 CPU minutes.
 """
 from __future__ import annotations
-import argparse, json, shutil
+import argparse, functools, json, shutil
 from pathlib import Path
 from vlm_merge import zoo
 
@@ -29,8 +29,7 @@ def main():
     p.add_argument('--out', default='/tmp/zoo-p8', help='where the trial zoo is written (replaced)')
     a = p.parse_args()
     root = Path(a.out); shutil.rmtree(root, ignore_errors=True); shutil.copytree(zoo.zoo_dir(), root); shutil.rmtree(root / 'vlm-2')
-    d = dict(zip(('image_size', 'patch', 'vhidden', 'vlayers', 'scale'), zoo.idefics3_parts.__defaults__))
-    d.update(patch=a.patch, scale=a.scale); zoo.idefics3_parts.__defaults__ = tuple(d.values())
+    zoo.idefics3_parts = functools.partial(zoo.idefics3_parts, patch=a.patch, scale=a.scale)   # `_job` looks it up in `zoo`
     job = next(j for j in zoo._jobs(root, 0, dict(zoo.ZOO_STEPS)) if j['name'] == 'vlm-2')
     r = zoo._job(job); (root / 'trial.json').write_text(json.dumps(r, indent=1))
     old = zoo.zoo_manifest()['models']['vlm-2']

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, struct, sys, zlib
 import torch
-from .methods import MERGE_METHODS, chunk_topk_mask, _stable_seed, _resolve_dtype
+from .methods import MERGE_METHODS, Draws16, keep_where, chunk_topk_mask, _stable_seed, _resolve_dtype
 from .merge_config import MergeConfig, MergeRefused
 from .plan import PlanItem
 
@@ -135,10 +135,12 @@ def _trim_specs(sparsification:str|None, per:list, n:int) -> list:
 # %% ../nbs/09_streaming.ipynb #7c41d2e9
 def _ties_tail(base:torch.Tensor, # base chunk (float32)
                deltas:list, # each model's trimmed task vector of the chunk (float32)
-               per:list, gp:dict) -> torch.Tensor:
+               per:list, gp:dict,
+               inplace:bool=False # the deltas are the caller's scratch: weighted in place
+              ) -> torch.Tensor:
     "`_gta_tail` with TIES' sign election in float32: float arithmetic only (boolean tensors are slow on the CPU), bit for bit the same."
     w = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32).tolist()   # the weights as float32 values
-    wd = [d * wi for d, wi in zip(deltas, w)]
+    wd = [d.mul_(wi) if inplace else d * wi for d, wi in zip(deltas, w)]
     total = wd[0].sign() if len(wd) == 1 else sum(wd[2:], wd[0] + wd[1]).sign_()   # only the sign of torch's sum is used
     maj = total.add_(0.5).sign_()                               # +1 where the sum is >= 0 (zeros included), else -1
     agree = [x.sign().mul_(maj).clamp_(min=0) for x in wd]      # 1 where sign(x) == majority, else 0 (zeros never agree)
@@ -151,37 +153,42 @@ def _ties_tail(base:torch.Tensor, # base chunk (float32)
         mixed = mixed.div_(div.add_(div.abs().sign_().neg_().add_(1.0)))   # an empty sum (0) divides by 1
     lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
     if lam != 1.0: mixed = mixed.mul_(lam)
-    return base + mixed
+    return mixed.add_(base)   # = base + mixed (a sum commutes, bit for bit)
 
 # %% ../nbs/09_streaming.ipynb #a5c8e311
 def _weighted_sum(xs:list, # float32 chunks
-                  w:list # their weights (float32 values)
+                  w:list, # their weights (float32 values)
+                  inplace:bool=False # `xs` are the caller's scratch: weighted in place, the sum left in xs[0]
                  ) -> torch.Tensor:
     "sum_i w_i * x_i as torch sums a stacked tensor over its first dimension (in order, from +0), without the stacked copy."
-    acc = xs[0] * w[0]
-    for x, wi in zip(xs[1:], w[1:]): acc = acc.add_(x * wi)
+    acc = xs[0].mul_(w[0]) if inplace else xs[0] * w[0]
+    for x, wi in zip(xs[1:], w[1:]): acc = acc.add_(x.mul_(wi) if inplace else x * wi)
     return acc.add_(0.0)   # from +0: a sum of zeros is +0
 
 # %% ../nbs/09_streaming.ipynb #b7d2f4a6
 def _sum_tail(base:torch.Tensor, # base chunk (float32)
               deltas:list, # each model's (trimmed) task vector of the chunk (float32)
-              per:list, gp:dict) -> torch.Tensor:
+              per:list, gp:dict,
+              inplace:bool=False # the deltas are the caller's scratch: weighted in place
+             ) -> torch.Tensor:
     "`_gta_tail` without a sign election, in float32, without stacked copies: bit for bit the same."
     wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
-    mixed = _weighted_sum(deltas, wt.tolist())
+    mixed = _weighted_sum(deltas, wt.tolist(), inplace)
     if gp.get('normalize', False):
         div = wt.sum(dim=0)
         mixed = mixed.div_(1.0 if abs(float(div)) < 1e-8 else float(div))
     lam = gp.get('lambda', gp.get('lambda_', 1.0)); lam = 1.0 if lam is None else float(lam)
     if lam != 1.0: mixed = mixed.mul_(lam)
-    return base + mixed
+    return mixed.add_(base)   # = base + mixed (a sum commutes, bit for bit)
 
 # %% ../nbs/09_streaming.ipynb #c2e9a7f5
 def _linear_chunk(v:list, # the models' chunks (float32)
-                  per:list, gp:dict) -> torch.Tensor:
+                  per:list, gp:dict,
+                  inplace:bool=False # the chunks are the caller's scratch: weighted in place
+                 ) -> torch.Tensor:
     "`methods.linear` of float32 chunks without the stacked copy, bit for bit the same."
     wt = torch.tensor([float(p['weight']) for p in per], dtype=torch.float32)
-    res = _weighted_sum(v, wt.tolist())
+    res = _weighted_sum(v, wt.tolist(), inplace)
     return res.div_(float(wt.sum(dim=0))) if gp.get('normalize', True) else res
 
 # %% ../nbs/09_streaming.ipynb #8edc79d8
@@ -189,10 +196,11 @@ def _gta_tail(base:torch.Tensor, # base chunk (compute dtype)
               deltas:list, # each model's trimmed task vector of the chunk
               per:list, # per-model parameters (weight)
               gp:dict, # global parameters (normalize, lambda)
-              consensus:str|None # 'sum' (TIES' sign election) or None
+              consensus:str|None, # 'sum' (TIES' sign election) or None
+              inplace:bool=False # the deltas are the caller's scratch (float32 only: reused for the arithmetic)
              ) -> torch.Tensor:
     "The merged chunk, as `methods.generalized_task_arithmetic` computes it from trimmed deltas."
-    if base.dtype == torch.float32: return _ties_tail(base, deltas, per, gp) if consensus else _sum_tail(base, deltas, per, gp)
+    if base.dtype == torch.float32: return (_ties_tail if consensus else _sum_tail)(base, deltas, per, gp, inplace)
     deltas = torch.stack(deltas, dim=0)
     weights = torch.tensor([float(p['weight']) for p in per], dtype=base.dtype, device=base.device).view(-1, *([1] * base.dim()))
     wd = deltas * weights
@@ -338,10 +346,10 @@ def _dare_sums(chunks, per:list, gens,
             keep = torch.empty(d.shape, dtype=torch.bool, device=d.device)
             for a, b in _chunk_ranges(tuple(d.shape), sub):
                 x, k = (d, keep) if a is None else (d[a:b], keep[a:b])
-                torch.lt(torch.rand(x.shape, generator=g[i], device=d.device, dtype=torch.float32), dens, out=k)
+                g[i].keep(tuple(x.shape), dens, d.device, out=k)
                 ax = x.abs().float()
                 before[i].append(_reductions(ax).tolist())   # floats, not small tensors: kept tensors would pin the heap
-                after[i].append(_reductions(ax.mul_(k)).tolist())
+                after[i].append(_reductions(keep_where(ax, k)).tolist())
             ks.append(keep)
         if masks is not None: masks.append(ks)
     return [(_fsum(b), _fsum(a)) for b, a in zip(before, after)]
@@ -357,7 +365,7 @@ def _slerp_coefs(s00:float, s11:float, s01:float, t:float, eps:float=1e-8, dot_t
 
 # %% ../nbs/09_streaming.ipynb #cd7b85c4
 def _setup(method:str, per:list, gp:dict, shape:tuple, cdt, seed:int|None, name:str) -> dict:
-    "The method's settings for the kernel: defaults filled, trim specs, DARE generators."
+    "The method's settings for the kernel: defaults filled, trim specs, DARE's draws (a `Draws16` a model)."
     m = MERGE_METHODS[method]
     gp = {**m.global_defaults, **gp}; per = [{**m.tensor_defaults, **p} for p in per]
     n = math.prod(shape)
@@ -368,7 +376,7 @@ def _setup(method:str, per:list, gp:dict, shape:tuple, cdt, seed:int|None, name:
     def gens():
         out = []
         for i in range(len(per)):
-            g = torch.Generator(); g.manual_seed(_stable_seed(seed0, name, i)); out.append(g)
+            g = torch.Generator(); g.manual_seed(_stable_seed(seed0, name, i)); out.append(Draws16(g))
         return out
     s['gens'] = gens
     return s
@@ -388,8 +396,8 @@ def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|N
     dens = float(p.get('density', 1.0))
     if dens >= 1: return d
     if dens <= 0: return torch.zeros_like(d)
-    if keep is None: keep = torch.rand(d.shape, generator=g, device=d.device, dtype=torch.float32) < dens
-    masked = d * keep   # the bool mask multiplies as 0 and 1, without a float copy of it
+    if keep is None: keep = g.keep(tuple(d.shape), dens, d.device)
+    masked = keep_where(d, keep)
     if not gp.get('rescale', False): return masked
     if gp.get('rescale_mode', 'l1') != 'l1': return masked / dens
     before, after = sums
@@ -410,18 +418,20 @@ def _mergekit_linear(v:list, # the models' chunks, as loaded (the config's dtype
 def _merge_chunk(s:dict, v:list, state:dict,
                  ds:list|None=None, # the chunk's task vectors, computed already (None: from `v`)
                  rows:tuple=(None, None), # the chunk's rows in the tensor (to slice the keys kept by the pre-pass)
-                 j:int|None=None # the chunk's number (the DARE masks its pre-pass kept)
+                 j:int|None=None, # the chunk's number (the DARE masks its pre-pass kept)
+                 owned:bool=False # `v` are this chunk's own copies (cast from the stored dtype): the arithmetic may reuse them
                 ) -> torch.Tensor:
     "One merged chunk from its inputs `v` (compute dtype; v[0] the base where the method has one)."
     method = s['m'].name
     if method == 'linear':
         if s['compat']: return _mergekit_linear(v, s['per'], s['gp'])
-        return _linear_chunk(v, s['per'], s['gp']) if v[0].dtype == torch.float32 else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
+        return _linear_chunk(v, s['per'], s['gp'], owned) if v[0].dtype == torch.float32 else s['m'].fn(None, v, s['per'], s['gp'], 0, None)
     if method == 'slerp':
         c, t = state['coefs'], float(s['gp']['t'])
-        if c is None: return (1 - t) * v[0] + t * v[1]
-        return c[0] * v[0] + c[1] * v[1]
-    base, ds = v[0], ([x - v[0] for x in v[1:]] if ds is None else list(ds))
+        a, b = (1 - t, t) if c is None else c
+        return v[0].mul_(a).add_(v[1].mul_(b)) if owned else a * v[0] + b * v[1]
+    fresh = ds is None   # task vectors made here are scratch: the arithmetic reuses them
+    base, ds = v[0], ([x - v[0] for x in v[1:]] if fresh else list(ds))
     kept = None if j is None or state['masks'] is None else state['masks'][j]
     for i, d in enumerate(ds):
         if s['spars'] == 'random':
@@ -438,8 +448,8 @@ def _merge_chunk(s:dict, v:list, state:dict,
         ks = None if not held else [None if (i, j) not in held else held[(i, j)] if rows[0] is None else held[(i, j)][rows[0]:rows[1]]
                                     for j in range(len(sel))]
         mask = _chunk_mask(d, sel, state['need'][i], ks)
-        if mask is not None: ds[i] = d * mask
-    return _gta_tail(base, ds, s['per'], s['gp'], s['cons'])
+        if mask is not None: ds[i] = keep_where(d, mask)
+    return _gta_tail(base, ds, s['per'], s['gp'], s['cons'], inplace=fresh)
 
 # %% ../nbs/09_streaming.ipynb #7afdfc53
 def _prepare(s:dict, chunks, name:str,
@@ -514,7 +524,8 @@ def stream_merge(get, # get(i, start, stop) -> rows of input i (0: the base, for
     state, ident = _prepare(s, chunks, name), True
     for a, b in ranges:
         raw = read(a, b); ident = ident and same(raw)
-        res = _merge_chunk(s, cast(raw), state)
+        v = cast(raw)
+        res = _merge_chunk(s, v, state, owned=all(x is not r for x, r in zip(v, raw)))
         if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(raw)
         put(a, b, res.float().to(out_dtype))
     if ident and not s['compat']: pass_through()   # every chunk was identical: the whole tensor is (mergekit computes it anyway)
@@ -543,7 +554,9 @@ def _merge_held(s:dict, read, ranges:list, shape:tuple, cast, same, put, out_dty
         state = _prepare(s, lambda: (cast(sl(raw, a, b)) for a, b in ranges), name, masks_by_chunk=dare)
     for j, (a, b) in enumerate(ranges):
         if whole: res = _merge_chunk(s, sl(v, a, b), state, ds=sl(D, a, b), rows=(a, b))
-        else: res = _merge_chunk(s, cast(sl(raw, a, b)), state, j=j)
+        else:
+            xs = sl(raw, a, b); v = cast(xs)
+            res = _merge_chunk(s, v, state, j=j, owned=all(x is not r for x, r in zip(v, xs)))
         if not bool(torch.isfinite(res.sum(dtype=torch.float32))): refuse(sl(v, a, b) if whole else sl(raw, a, b))
         put(a, b, res.float().to(out_dtype))
 

@@ -23,11 +23,14 @@ vlm-merge's config. Targets of issue 19 (374M, idle 2-core machine): each method
 mergekit (TIES >= 5x), within 2x of the floor, peak RSS <= 1 GB.
 
 Measured on the issue's bench (374M, `--method all --repeat 3`, mergekit 0.1.5; the tables and the analysis are in
-nbs/09_streaming.ipynb, "Measured"). Three runs on 2026-12-07, idle machine (load 1.0-1.6, the bench's own):
-speed-up against mergekit linear 2.63-3.14x, task arithmetic 2.19-2.94x, TIES 6.21-6.50x, DARE-TIES 2.48-2.78x,
-slerp 3.40-3.77x; the round before (one run, load 0.3-1.9): 2.30x, 1.70x, 5.07x, 1.80x, 2.53x. The floor is 0.5-0.7 s
-and `import torch` alone 1.3-1.6 s, so "within 2x of the floor" is below what any torch-based tool can do.
-vlm-merge's own peak RSS 0.27-0.65 GiB with bf16 or float32 output, 5GB or 10GB shards. The peak RSS printed for
+nbs/09_streaming.ipynb, "Measured"). Latest round, three runs on the afternoon of 2026-12-07 (load 0.5-1.7, the
+bench's own; DARE's draws from `methods.Draws16`): speed-up against mergekit linear 2.72-3.15x, task arithmetic
+2.60-2.83x, TIES 6.03-6.76x, DARE-TIES 3.18-3.46x, slerp 3.20-4.08x. Linear and task arithmetic take 1.04-1.29x of
+floor + `import torch`. The morning's round: 2.63-3.14x, 2.19-2.94x, 6.21-6.50x, 2.48-2.78x, 3.40-3.77x; the round
+before that (one run): 2.30x, 1.70x, 5.07x, 1.80x, 2.53x. The floor is 0.5-0.9 s and `import torch` alone 1.3-1.6 s,
+so "within 2x of the floor" is below what any torch-based tool can do.
+vlm-merge's own peak RSS 0.27-0.65 GiB with bf16 or float32 output, 5GB or 10GB shards (latest, float32 into one
+10GB shard: 0.28-0.48 GiB). The peak RSS printed for
 runs after the first comparison includes the bench process's own RSS (a forked child is charged it until it execs):
 use `--skip-mergekit` runs for RSS. Each timed run starts after `os.sync()`, so no run pays for the writeback of
 the last one's output.

@@ -1,0 +1,96 @@
+"""Where along stage 2 do the zoo's VLMs read best? A trial for the next rebuild's stage-2 stopping rule.
+
+Retrains one zoo VLM exactly as `vlm-merge zoo build` does (its own job: seed 0, the shipped recipe and steps, one
+thread, in this process, from the shipped zoo's base), and every `--every` steps of stage 2 (the light fine-tune of
+the language model) scores perception on two sets:
+
+- a validation set: figure questions of another seed, none of them in any training table or in the test set (what
+  a stopping rule may look at);
+- the shipped test set (what the manifest reports; a stopping rule must not look at it).
+
+The final model is the build's own (the same job and seeds), so its test score should be the shipped one. Run one VLM
+a process, two at once on two cores:
+
+    python benchmarks/zoo_vlm_curve.py vlm-llava --out /tmp/curve-llava &
+    python benchmarks/zoo_vlm_curve.py wide-vlm --out /tmp/curve-wide
+
+Measured (2026-12-07, seed 0; nbs/03_zoo.ipynb, "Stage 2 was too short"): with the shipped 1200 steps the retrained
+VLMs score the shipped 0.845 and 0.780 again, and perception is still climbing when the learning rate has decayed.
+Test perception at the end of stage 2, and the language model's task vector (relative to its base):
+
+| VLM | 1200 steps (shipped) | 1800 | 2400 |
+|---|---|---|---|
+| vlm-llava | 0.845, 0.26 | **1.000**, 0.31 | 0.995, 0.34 |
+| wide-vlm | 0.780, 0.32 | **0.900**, 0.39 | **0.965**, 0.45 |
+
+    python benchmarks/zoo_vlm_curve.py vlm-llava --steps 1800 --every 300 --out /tmp/curve-llava3
+"""
+from __future__ import annotations
+import argparse, json, shutil, time
+from pathlib import Path
+import pandas as pd
+from vlm_merge import zoo, zoo_recipe
+
+
+def validation_rows(n:int, test:pd.DataFrame, seed:int=0) -> pd.DataFrame:
+    "`n` perception rows of another seed than the test set's, none in a training table (perception or base-perception) or in `test`."
+    from vlm_merge.data import make_geometry
+    cand = make_geometry(n * 10, seed=seed + 1104, kind='perception')
+    train = [zoo._train_table(k, seed, zoo.ZOO_SIZES) for k in ('perception', 'base-perception')]
+    return zoo._dedupe(zoo._dedupe(cand, train, ['problem', 'figure']), [test], ['problem', 'figure']).head(n).reset_index(drop=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('name', choices=['vlm-llava', 'vlm-2', 'wide-vlm'], help='the zoo VLM to retrain')
+    p.add_argument('--every', type=int, default=150, help='stage-2 steps between scores')
+    p.add_argument('--val', type=int, default=100, help='validation rows')
+    p.add_argument('--steps', type=int, default=None, help="stage-2 steps (default: the build's, ZOO_STEPS)")
+    p.add_argument('--out', default=None, help='work folder (replaced; default /tmp/curve-NAME)')
+    a = p.parse_args()
+    root = Path(a.out or f'/tmp/curve-{a.name}'); shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(zoo.zoo_dir(), root, ignore=shutil.ignore_patterns(a.name))
+    steps = {**zoo.ZOO_STEPS, **({a.name: a.steps} if a.steps else {})}
+    job = next(j for j in zoo._jobs(root, 0, steps) if j['name'] == a.name)
+    test = pd.read_parquet(root / 'data' / 'geometry_perception.parquet').head(zoo.ZOO_SIZES['test'])
+    val = validation_rows(a.val, test)
+    curve, snap = [], root / 'snapshot'
+
+    def score(model, step):
+        "Save the model as the build saves it, with the shipped VLM's processor files, and score both sets."
+        shutil.rmtree(snap, ignore_errors=True)
+        shutil.copytree(zoo.zoo_path(a.name), snap, ignore=shutil.ignore_patterns('*.safetensors', 'model.safetensors.index.json'))
+        model.save_pretrained(snap)
+        was = model.training; model.eval()
+        row = {'step': step, 'val': zoo._eval_task(snap, 'multimodal', val)['accuracy'],
+               'test': zoo._eval_task(snap, 'multimodal', test)['accuracy'], 'wall_s': round(time.time() - t0)}
+        model.train(was); curve.append(row); print(json.dumps(row), flush=True)
+
+    train_model, backward = zoo.train_model, zoo_recipe.batch_backward
+    def stage2(model, exs, pad_id, steps, **kw):
+        if kw.get('desc') != a.name: return train_model(model, exs, pad_id, steps, **kw)   # stages 0 and 1 as built
+        n = [0]
+        def counted(m, batch, pad, split=True):
+            if n[0] % a.every == 0: score(m, n[0])   # after n optimiser steps; greedy scoring draws no random numbers
+            n[0] += 1
+            return backward(m, batch, pad, split)
+        zoo_recipe.batch_backward = counted
+        try: return train_model(model, exs, pad_id, steps, **kw)
+        finally: zoo_recipe.batch_backward = backward
+    zoo.train_model = stage2
+
+    t0 = time.time()
+    res = zoo._job(job)   # trains, saves root/NAME and scores it on the build's test sets
+    final = {'step': job['steps'], 'val': zoo._eval_task(root / a.name, 'multimodal', val)['accuracy'],
+             'test': res['accuracy']['perception']['accuracy'], 'wall_s': round(time.time() - t0)}
+    curve.append(final); print(json.dumps(final), flush=True)
+    shipped = zoo.zoo_manifest()['models'][a.name]['accuracy']['perception']['accuracy']
+    (root / 'curve.json').write_text(json.dumps({'name': a.name, 'stage2_steps': job['steps'], 'curve': curve, 'shipped_test': shipped,
+                                                 'val_rows': len(val), 'train': res['train'], 'accuracy': res['accuracy']}, indent=1))
+    best = max(curve, key=lambda r: (r['val'], -r['step']))
+    print(f"{a.name}: final test {final['test']:.3f} (shipped {shipped:.3f}); best validation {best['val']:.3f} at step {best['step']}, "
+          f"test there {best['test']:.3f}; {len(val)} validation rows; LM task vector {res['train']['lm_delta_rel_norm']:.3f} of the base; "
+          f"{time.time() - t0:.0f} s (scoring included)", flush=True)
+
+
+if __name__ == '__main__': main()

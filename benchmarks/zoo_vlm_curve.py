@@ -37,7 +37,7 @@ def validation_rows(n:int, test:pd.DataFrame, seed:int=0) -> pd.DataFrame:
     from vlm_merge.data import make_geometry
     cand = make_geometry(n * 10, seed=seed + 1104, kind='perception')
     train = [zoo._train_table(k, seed, zoo.ZOO_SIZES) for k in ('perception', 'base-perception')]
-    return zoo._dedupe(zoo._dedupe(cand, train, ['problem', 'figure']), [test], ['problem', 'figure']).head(n).reset_index(drop=True)
+    return zoo._dedupe(cand, train + [test], ['problem', 'figure']).head(n).reset_index(drop=True)
 
 
 def main():
@@ -60,11 +60,10 @@ def main():
         "Save the model as the build saves it, with the shipped VLM's processor files, and score both sets."
         shutil.rmtree(snap, ignore_errors=True)
         shutil.copytree(zoo.zoo_path(a.name), snap, ignore=shutil.ignore_patterns('*.safetensors', 'model.safetensors.index.json'))
-        model.save_pretrained(snap)
-        was = model.training; model.eval()
+        model.save_pretrained(snap)   # scored from the folder: the model in training is not touched
         row = {'step': step, 'val': zoo._eval_task(snap, 'multimodal', val)['accuracy'],
                'test': zoo._eval_task(snap, 'multimodal', test)['accuracy'], 'wall_s': round(time.time() - t0)}
-        model.train(was); curve.append(row); print(json.dumps(row), flush=True)
+        curve.append(row); print(json.dumps(row), flush=True)
 
     train_model, backward = zoo.train_model, zoo_recipe.batch_backward
     def stage2(model, exs, pad_id, steps, **kw):

@@ -335,7 +335,7 @@ def _dare_sums(chunks, per:list, gens,
                masks:list|None=None, # when a list: each model's drawn keep-masks are appended to it (drawn once, used again)
                sub:int=CHUNK_ELEMENTS # elements per piece of a chunk's arithmetic (a held tensor comes as one chunk)
               ) -> list:
-    "L1 norms (float64) of each task vector and of its DARE-dropped self, drawing the drop from `gens()` (fresh generators)."
+    "L1 norms (float64) of each task vector and of its DARE-dropped self, drawing the drop from `gens()` (a fresh `Draws16` a model)."
     before, after = [[] for _ in per], [[] for _ in per]
     g = gens()
     for ds in chunks():
@@ -389,8 +389,8 @@ def _refuse_empty(s:dict, name:str):
             raise MergeRefused(f"{name}: density {float(p['density'])} keeps no entry of a tensor of {s['n']} elements")
 
 # %% ../nbs/09_streaming.ipynb #60d8d4ce
-def _dare_delta(d:torch.Tensor, p:dict, g:torch.Generator, gp:dict, sums:tuple|None,
-                keep:torch.Tensor|None=None # the chunk's keep-mask, drawn already (None: drawn here from `g`)
+def _dare_delta(d:torch.Tensor, p:dict, g:Draws16, gp:dict, sums:tuple|None,
+                keep:torch.Tensor|None=None # the chunk's keep-mask, drawn already (None: the next draws of `g`, the model's `Draws16`)
                ) -> torch.Tensor:
     "One chunk of a DARE-dropped (and rescaled) task vector, as `methods.sparsify(method='random')` computes it."
     dens = float(p.get('density', 1.0))

@@ -8,6 +8,7 @@ held-out figures beside the shipped vlm-2's manifest entry:
 
     python benchmarks/zoo_vlm2_patch.py --patch 8 --scale 2 --out /tmp/zoo-p8
 
+(On the zoo's first build. Its VLMs were retrained on 7 December as these measurements suggested: stage 2 of 1800 steps for vlm-llava and 2400 for wide-vlm, vlm-2 with 8-pixel patches and a tower stage 0 of 3000 steps; 'shipped' below means the first build.)
 Measured (2026-12-07, seed 0, alone on an idle machine; the shipped figures come from the two-worker build, where
 the jobs share the machine's memory bandwidth):
 

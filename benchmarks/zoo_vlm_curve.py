@@ -14,6 +14,7 @@ a process, two at once on two cores:
     python benchmarks/zoo_vlm_curve.py vlm-llava --out /tmp/curve-llava &
     python benchmarks/zoo_vlm_curve.py wide-vlm --out /tmp/curve-wide
 
+(On the zoo's first build. Its VLMs were retrained on 7 December as these measurements suggested: stage 2 of 1800 steps for vlm-llava and 2400 for wide-vlm, vlm-2 with 8-pixel patches and a tower stage 0 of 3000 steps; 'shipped' below means the first build.)
 Measured (2026-12-07, seed 0; nbs/03_zoo.ipynb, "Stage 2 was too short"): with the shipped 1200 steps the retrained
 VLMs score the shipped 0.845 and 0.780 again, and perception is still climbing when the learning rate has decayed.
 Test perception at the end of stage 2, and the language model's task vector (relative to its base):

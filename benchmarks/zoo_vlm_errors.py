@@ -8,6 +8,7 @@ words (the skill a VLM's light stage 2 has to connect to the image).
     python benchmarks/zoo_vlm_errors.py                      # the three zoo VLMs and the two bases, 200 rows
     python benchmarks/zoo_vlm_errors.py --vlms vlm-llava --bases base-lm --rows 100
 
+(On the zoo's first build. Its VLMs were retrained on 7 December as these measurements suggested: stage 2 of 1800 steps for vlm-llava and 2400 for wide-vlm, vlm-2 with 8-pixel patches and a tower stage 0 of 3000 steps; 'shipped' below means the first build.)
 Measured on the zoo shipped on 7 December 2026 (200 rows, one thread):
     vlm-llava: perception 0.845, labels read right 0.995; misses 31: read right 30, another label's value 19
     vlm-2:     perception 0.970, labels read right 0.985; misses 6: read right 5, another label's value 2

@@ -31,9 +31,9 @@ ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
                  base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
 ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
-             'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1200,
-             'vlm-2-tower': 1500, 'vlm-2-align': 400, 'vlm-2': 1200,
-             'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 1200}
+             'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1800,
+             'vlm-2-tower': 3000, 'vlm-2-align': 400, 'vlm-2': 1200,
+             'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 2400}
 # a VLM trains in three stages: NAME-tower (stage 0, the tower learns to read labels under a probe), NAME-align
 # (stage 1, the projector learns with the tower and the language model frozen), NAME (stage 2, a light fine-tune of the
 # language model, the projector still learning)

@@ -389,8 +389,9 @@ def change_noise(p0:float, # accuracy of the unmerged model
                  p1:float, # accuracy of the merge
                  n:int,    # problems each was scored on
                 ) -> float:
-    "Half-width of the 95% interval of `p1 - p0` for two accuracies on `n` problems each (normal approximation, unpaired: on the safe side)."
-    return 1.96 * math.sqrt((p0 * (1 - p0) + p1 * (1 - p1)) / max(n, 1))
+    "Half-width of the 95% interval of `p1 - p0` for two accuracies on `n` problems each (Agresti-Caffo: one right and one wrong answer added to each; unpaired, so on the safe side)."
+    q0, q1 = (p0 * n + 1) / (n + 2), (p1 * n + 1) / (n + 2)   # unlike the plain normal interval, not 0 when both score 0 or 1
+    return 1.96 * math.sqrt((q0 * (1 - q0) + q1 * (1 - q1)) / (n + 2))
 
 def change_verdict(changes:list[float], # accuracy changes, one per kind of problem
                    noise:list[float],   # their `change_noise`

@@ -102,6 +102,9 @@ def local_model_path(path_or_id:str|os.PathLike, # a folder or file, a zoo model
     z = zoo_model_path(s)
     if z is not None: return z
     if _looks_local(s): raise CheckpointError(f"{s}: no such file or folder (and not a zoo model: {', '.join(_zoo_names())})")
+    near = difflib.get_close_matches(s, _zoo_names(), n=1, cutoff=0.75) if '/' not in s else []
+    if near: raise CheckpointError(f"{s}: not a zoo model (did you mean {near[0]}?) and no such folder; zoo models: {', '.join(_zoo_names())}; "
+                                   "a Hub model is named OWNER/NAME")   # a typo of a zoo name would otherwise wait on the Hub's retries
     return None
 
 # %% ../nbs/01_checkpoints.ipynb #04e56bef

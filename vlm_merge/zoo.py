@@ -312,6 +312,7 @@ def _job(job:dict) -> dict:
     torch.set_num_threads(1); t0 = time.time(); c0 = time.process_time()
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM, PreTrainedTokenizerFast, AutoModelForCausalLM
     from transformers import LlavaForConditionalGeneration, Idefics3ForConditionalGeneration
+    import transformers; transformers.utils.logging.disable_progress_bar()   # a load bar per evaluation is noise; each stage prints its steps
     root, name, seed, kind = Path(job['root']), job['name'], job['seed'], job['kind']
     tok = PreTrainedTokenizerFast.from_pretrained(root / 'tokenizer')
     torch.manual_seed(seed); proc = base = None

@@ -101,9 +101,10 @@ def local_model_path(path_or_id:str|os.PathLike, # a folder or file, a zoo model
     s = str(path_or_id)
     z = zoo_model_path(s)
     if z is not None: return z
-    if _looks_local(s): raise CheckpointError(f"{s}: no such file or folder (and not a zoo model: {', '.join(_zoo_names())})")
-    near = difflib.get_close_matches(s, _zoo_names(), n=1, cutoff=0.75) if '/' not in s else []
-    if near: raise CheckpointError(f"{s}: not a zoo model (did you mean {near[0]}?) and no such folder; zoo models: {', '.join(_zoo_names())}; "
+    names = _zoo_names()   # reads the zoo's manifest: once
+    if _looks_local(s): raise CheckpointError(f"{s}: no such file or folder (and not a zoo model: {', '.join(names)})")
+    near = difflib.get_close_matches(s, names, n=1, cutoff=0.75) if '/' not in s else []
+    if near: raise CheckpointError(f"{s}: not a zoo model (did you mean {near[0]}?) and no such folder; zoo models: {', '.join(names)}; "
                                    "a Hub model is named OWNER/NAME")   # a typo of a zoo name would otherwise wait on the Hub's retries
     return None
 

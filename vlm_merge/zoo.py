@@ -431,7 +431,7 @@ def build_zoo(out_dir:str|Path,          # folder to create (atomically: built i
     Z = {**ZOO_SIZES, **(sizes or {})}
     if only:
         bad = [n for n in only if n not in ZOO_MODELS]
-        if bad: raise KeyError(f'build_zoo: unknown zoo model(s) {bad}; choose from {ZOO_MODELS}')
+        if bad: raise KeyError(f"build_zoo: unknown zoo model(s) {', '.join(bad)} in only= (--only); choose from {', '.join(ZOO_MODELS)}")
         if not (out_dir / 'manifest.json').exists(): raise FileNotFoundError(f'build_zoo: retraining some models (only=, --only) needs an existing zoo, and {out_dir} has no manifest.json')
         old = json.loads((out_dir / 'manifest.json').read_text())
         why = [f"seed {old['seed']}, not {seed}"] * (old['seed'] != seed) + ['other data sizes'] * (old['sizes'] != Z)

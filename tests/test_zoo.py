@@ -26,7 +26,7 @@ def test_manifest_fields():
     # the cross numbers later merges compare against
     for v in VLMS: assert {'perception', 'chain', 'reasoning', 'gsm'} <= set(MAN['models'][v]['accuracy']), v
     assert set(SPEC_TASKS) <= set(MAN['models']['reason-lm']['accuracy'])
-    assert MAN['size_mb'] <= 60
+    assert MAN['size_mb'] <= 40   # issue 13's target (float32 weights made it 42.9 MB)
 
 # Floors the shipped build did not meet, with the accuracy it reached: stated in 03_zoo and the manifest, never hidden.
 # A rebuild that meets one must remove it from here (the test fails until it does).
@@ -49,6 +49,15 @@ def test_fine_tunes_are_light():
         if m['init'] == 'random init': assert n in ('base-lm', 'wide-base'), n; continue
         assert m['init'].split(' ')[0] == ('wide-base' if n.startswith('wide') else 'base-lm'), (n, m['init'])
         assert 0 < m['train']['lm_delta_rel_norm'] < 0.5, (n, m['train']['lm_delta_rel_norm'])   # the first zoo's were 0.6-0.7; the largest now is wide-vlm's 0.45 (a 2400-step stage 2)
+
+def test_shipped_in_bfloat16():
+    "Every model ships in bfloat16, as real checkpoints do (the build trains in float32): the config says so, and so does every tensor."
+    from safetensors import safe_open
+    for n in ZOO_MODELS:
+        p = zoo_path(n)
+        assert json.loads((p / 'config.json').read_text())['dtype'] == 'bfloat16', n
+        with safe_open(p / 'model.safetensors', 'pt') as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'BF16'}, n
 
 def test_data_files():
     for name, info in MAN['data'].items():

@@ -14,8 +14,8 @@ from .zoo_recipe import _curve, _lm_of, _warmup_cosine
 _all_ = ['SPEC_TASKS', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts', 'idefics3_parts', 'init_language_model', 'chat_prompt', 'encode_example', 'collate', 'train_model', 'greedy_generate']
 
 # %% auto #0
-__all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'VISION_LR', 'SPEC_REPLAY', 'WIDE_ARCH', 'READ_PROMPT',
-           'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe', 'label_targets',
+__all__ = ['ZOO_MODELS', 'ZOO_SIZES', 'ZOO_STEPS', 'BASE_LR', 'FT_LR', 'VISION_LR', 'SPEC_REPLAY', 'SHIP_DTYPE', 'WIDE_ARCH',
+           'READ_PROMPT', 'FLOORS', 'vision_answer', 'reading_answer', 'pretraining_mix', 'LabelProbe', 'label_targets',
            'tower_features', 'pretrain_tower', 'lm_delta_norm', 'build_zoo', 'zoo_dir', 'zoo_manifest', 'zoo_path',
            'zoo_data_path', 'local_or_zoo_data', 'zoo_tokenizer', 'zoo_cli', 'SPEC_TASKS', 'SPECIAL_TOKENS',
            'CHAT_TEMPLATE', 'ZOO_GSM', 'train_tokenizer', 'generic_corpus', 'spec_data', 'lm_config', 'llava_parts',
@@ -30,8 +30,8 @@ ZOO_MODELS = ('base-lm', 'reason-lm', 'spec-mirror', 'spec-sort', 'spec-shift', 
 # %% ../nbs/03_zoo.ipynb #d669c804
 ZOO_SIZES = dict(train_generic=20000, train_gsm=6000, train_geo=5000, train_spec=3000, train_chain=2000,
                  base_gsm=1000, base_spec=600, base_geo=1500, base_chain=300, test=200, cross=100, corpus=400)
-ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 1000, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
-             'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1800,
+ZOO_STEPS = {'base-lm': 2000, 'wide-base': 1500, 'reason-lm': 500, 'wide-lm': 1000, 'spec': 600, 'spec-sort': 800,
+             'vlm-llava-tower': 1500, 'vlm-llava-align': 400, 'vlm-llava': 1000,
              'vlm-2-tower': 3000, 'vlm-2-align': 400, 'vlm-2': 1200,
              'wide-vlm-tower': 1500, 'wide-vlm-align': 400, 'wide-vlm': 2400}
 # a VLM trains in three stages: NAME-tower (stage 0, the tower learns to read labels under a probe), NAME-align
@@ -41,6 +41,7 @@ BASE_LR = 3e-3     # peak learning rate of pretraining (base-lm, wide-base)
 FT_LR = 1e-3       # peak learning rate of every fine-tune of a base: reason-lm, wide-lm, the specialists, the VLMs' language models
 VISION_LR = 3e-3   # peak learning rate of the VLMs' projectors (stage 1; a tenth of it in stage 2)
 SPEC_REPLAY = 0.5  # a specialist also sees this many other-task prompts per own example, answered by base-lm itself
+SHIP_DTYPE = torch.bfloat16   # every model is trained in float32 and saved in bfloat16, as real checkpoints ship; fine-tunes start from the saved base
 WIDE_ARCH = dict(hidden=192, layers=3, heads=6, kv_heads=2, inter=512, family='qwen2')   # the second family: Qwen2, wider and shallower
 
 # %% ../nbs/03_zoo.ipynb #45ae6c40
@@ -334,7 +335,8 @@ def _job(job:dict) -> dict:
             init_language_model(model, base); src = f"{job['base']} (language model); vision random init, trained in 3 stages"
             exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes'])
             stats = _train_vlm(model, proc, tok, exs, root, seed, job)
-        stats['lm_delta_rel_norm'] = lm_delta_norm(model, base)
+    model.to(SHIP_DTYPE)   # saved, measured and merged as shipped
+    if base is not None: stats['lm_delta_rel_norm'] = lm_delta_norm(model, base)
     out = root / name
     model.generation_config.update(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, max_new_tokens=64)

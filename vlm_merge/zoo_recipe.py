@@ -139,11 +139,12 @@ def _image_proc_kw(): return dict(image_mean=[0.5]*3, image_std=[0.5]*3)
 def llava_parts(tok,              # the zoo tokenizer
                 text_config,      # LlamaConfig of the language model
                 image_size:int=64,# input side in pixels
-                patch:int=8,      # CLIP patch size: (image_size/patch)^2 image tokens
+                patch:int=16,     # CLIP patch size: (image_size/patch)^2 image tokens (16: as many as vlm-2's, a third of patch 8's sequence)
                 vhidden:int=64,   # vision hidden size
                 vlayers:int=2,    # vision layers
                ):
     "A tiny LLaVA: (LlavaConfig, LlavaProcessor). Plain LLaVA keeps image tokens at (image_size/patch)^2."
+    text_config = copy.deepcopy(text_config)   # the config classes reset its attention implementation: the caller's model must keep its own
     from transformers import LlavaConfig, CLIPVisionConfig, LlavaProcessor, CLIPImageProcessor
     vc = CLIPVisionConfig(hidden_size=vhidden, intermediate_size=2*vhidden, num_hidden_layers=vlayers, num_attention_heads=2,
                           image_size=image_size, patch_size=patch, projection_dim=vhidden)
@@ -165,6 +166,7 @@ def idefics3_parts(tok,              # the zoo tokenizer
                    scale:int=2,      # pixel-shuffle factor: (image_size/patch)^2/scale^2 image tokens
                   ):
     "A tiny Idefics3 (SigLIP-style tower, pixel-shuffle connector, Llama LM): (Idefics3Config, Idefics3Processor)."
+    text_config = copy.deepcopy(text_config)   # the config classes reset its attention implementation: the caller's model must keep its own
     from transformers import Idefics3Config, Idefics3VisionConfig, Idefics3Processor, Idefics3ImageProcessor
     vc = Idefics3VisionConfig(hidden_size=vhidden, intermediate_size=2*vhidden, num_hidden_layers=vlayers, num_attention_heads=2,
                               image_size=image_size, patch_size=patch)

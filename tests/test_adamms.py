@@ -91,7 +91,8 @@ def test_cli_end_to_end(tmp_path, perception):
     assert (out/OUTPUT_MARKER).exists() and not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
     with CheckpointReader(out) as o, CheckpointReader('vlm-llava') as t, CheckpointReader('vlm-2') as s:
         m = map_models('vlm-llava', 'vlm-2')
-        for k in list(m.pairs)[:5]: torch.testing.assert_close(o.get(k), 0.8 * t.get(k) + 0.2 * s.get(m.pairs[k]))
+        for k in list(m.pairs)[:5]:   # computed in float32, written in the zoo's bfloat16: within its rounding
+            torch.testing.assert_close(o.get(k).float(), 0.8 * t.get(k).float() + 0.2 * s.get(m.pairs[k]).float(), rtol=2**-8, atol=1e-6)
         for k in [k for k, why in m.kept.items() if why in ('vision', 'projector')][:5]: assert torch.equal(o.get(k), t.get(k))
     r = cli('--target', 'vlm-llava', '--source', 'vlm-2', '--data', perception, '--alphas', '1,0.9,0.8', '--limit', '2',
             '--out', out, '--overwrite', '--no-labels')

@@ -10,6 +10,7 @@ import argparse, os, re, sys, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 
 NOISE = re.compile(r'(Loading weights|Writing model shards|Fetching \d+ files).*it/s')   # progress bars, not results
@@ -38,21 +39,27 @@ def main(argv=None):
     p.add_argument('--skip', action='append', default=[], help='skip cells whose source contains this string')
     p.add_argument('--timeout', type=int, default=3600, help='seconds per cell')
     p.add_argument('--strip-only', action='store_true', help='do not execute: only drop progress-bar noise from stored outputs')
+    p.add_argument('--keep-going', action='store_true', help='run every cell even after one fails (its error is stored); exit 1 naming the failed cells')
     a = p.parse_args(argv)
     path = Path(a.notebook); nb = nbformat.read(path, as_version=4)
     if a.strip_only:
         print(f'{path}: {strip_noise(nb)} progress-bar outputs dropped'); nbformat.write(nb, path); return
     os.environ.pop('MPLBACKEND', None)   # the kernel must use its inline backend: with Agg no figure is stored
     client = NotebookClient(nb, timeout=a.timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
-    t0 = time.time()
+    t0 = time.time(); failed = []
     with client.setup_kernel():
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code': continue
             if any(s in cell.source for s in a.skip): cell.outputs = []; cell.execution_count = None; continue
-            t = time.time(); client.execute_cell(cell, i)
+            t = time.time()
+            try: client.execute_cell(cell, i)
+            except CellExecutionError as e:
+                if not a.keep_going: raise
+                failed.append(i); print(f'cell {i} failed: {str(e).strip().splitlines()[-1][:300]}', file=sys.stderr)
             if time.time() - t > 30: print(f'cell {i}: {time.time() - t:.0f}s', file=sys.stderr)
     strip_noise(nb); nbformat.write(nb, path)
-    print(f'{path}: executed in {time.time() - t0:.0f}s')
+    print(f'{path}: executed in {time.time() - t0:.0f}s' + (f'; cells that failed: {failed}' if failed else ''))
+    if failed: sys.exit(1)
 
 
 if __name__ == '__main__': main()

@@ -139,7 +139,7 @@ def _image_proc_kw(): return dict(image_mean=[0.5]*3, image_std=[0.5]*3)
 def llava_parts(tok,              # the zoo tokenizer
                 text_config,      # LlamaConfig of the language model
                 image_size:int=64,# input side in pixels
-                patch:int=16,     # CLIP patch size: (image_size/patch)^2 image tokens (16: as many as vlm-2's, a third of patch 8's sequence)
+                patch:int=16,     # CLIP patch size: (image_size/patch)^2 image tokens (16: as many as vlm-2's; patch 8's 64 made each training sequence about twice as long)
                 vhidden:int=64,   # vision hidden size
                 vlayers:int=2,    # vision layers
                ):

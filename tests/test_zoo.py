@@ -48,14 +48,15 @@ def test_fine_tunes_are_light():
     for n, m in MAN['models'].items():
         if m['init'] == 'random init': assert n in ('base-lm', 'wide-base'), n; continue
         assert m['init'].split(' ')[0] == ('wide-base' if n.startswith('wide') else 'base-lm'), (n, m['init'])
-        assert 0 < m['train']['lm_delta_rel_norm'] < 0.5, (n, m['train']['lm_delta_rel_norm'])   # the first zoo's were 0.6-0.7; the largest now is wide-vlm's 0.45 (a 2400-step stage 2)
+        assert 0 < m['train']['lm_delta_rel_norm'] < 0.5, (n, m['train']['lm_delta_rel_norm'])   # the first zoo's were 0.6-0.7; the largest now is wide-vlm's 0.43 (a 2400-step stage 2)
 
 def test_shipped_in_bfloat16():
     "Every model ships in bfloat16, as real checkpoints do (the build trains in float32): the config says so, and so does every tensor."
     from safetensors import safe_open
     for n in ZOO_MODELS:
         p = zoo_path(n)
-        assert json.loads((p / 'config.json').read_text())['dtype'] == 'bfloat16', n
+        cfg = json.loads((p / 'config.json').read_text())
+        assert [c['dtype'] for c in (cfg, cfg.get('text_config'), cfg.get('vision_config')) if c] == ['bfloat16'] * (1 + 2 * ('text_config' in cfg)), n
         with safe_open(p / 'model.safetensors', 'pt') as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'BF16'}, n
 

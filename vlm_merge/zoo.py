@@ -336,6 +336,8 @@ def _job(job:dict) -> dict:
             exs = _train_examples('perception', tok, seed, proc=proc, sizes=job['sizes'])
             stats = _train_vlm(model, proc, tok, exs, root, seed, job)
     model.to(SHIP_DTYPE)   # saved, measured and merged as shipped
+    for sub in ('text_config', 'vision_config'):   # a VLM's sub-configs say so too (the text one came from the float32 base)
+        if hasattr(model.config, sub): getattr(model.config, sub).dtype = SHIP_DTYPE
     if base is not None: stats['lm_delta_rel_norm'] = lm_delta_norm(model, base)
     out = root / name
     model.generation_config.update(do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -22,15 +22,8 @@ import argparse, json, random, re, time
 import pandas as pd, torch
 from vlm_merge import zoo as Z
 from vlm_merge.adamms import Blender, map_models
-from vlm_merge.data import make_geometry
 from vlm_merge.inference import evaluate
-
-
-def validation_rows(kind:str, n:int, seed:int) -> pd.DataFrame:
-    "`n` figure questions of `kind` from `seed`, none in a training table of that kind or in the zoo's test set."
-    test = pd.read_parquet(Z.zoo_data_path(f'geometry_{kind}.parquet'))
-    train = [Z._train_table(k, 0, Z.ZOO_SIZES) for k in (kind, f'base-{kind}')]
-    return Z._dedupe(make_geometry(n * 10, seed=seed, kind=kind), train + [test], ['problem', 'figure']).head(n).reset_index(drop=True)
+from zoo_vlm_curve import validation_rows   # benchmarks/, first on the path when run as a script
 
 
 def group(canon:str) -> str:
@@ -47,8 +40,8 @@ def main(argv=None):
     p.add_argument('--keep', type=float, default=0.9, help="share of the VLM's validation perception a candidate must keep")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    VP, VC = validation_rows('perception', 100, 1104), validation_rows('chain', 100, 1106)
     TP, TC = (pd.read_parquet(Z.zoo_data_path(f'geometry_{k}.parquet')) for k in ('perception', 'chain'))
+    VP, VC = validation_rows(100, TP, kind='perception'), validation_rows(100, TC, kind='chain')
     bl = Blender(map_models(a.vlm, a.llm)); G = sorted({group(c) for c, *_ in bl.params})
     def blend(w):
         with torch.no_grad():

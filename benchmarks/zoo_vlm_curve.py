@@ -44,11 +44,11 @@ import pandas as pd
 from vlm_merge import zoo, zoo_recipe
 
 
-def validation_rows(n:int, test:pd.DataFrame, seed:int=0) -> pd.DataFrame:
-    "`n` perception rows of another seed than the test set's, none in a training table (perception or base-perception) or in `test`."
+def validation_rows(n:int, test:pd.DataFrame, seed:int=0, kind:str='perception') -> pd.DataFrame:
+    "`n` figure questions of `kind` ('perception' or 'chain') from another seed than the test set's, none in a training table of that kind (KIND or base-KIND) or in `test`."
     from vlm_merge.data import make_geometry
-    cand = make_geometry(n * 10, seed=seed + 1104, kind='perception')
-    train = [zoo._train_table(k, seed, zoo.ZOO_SIZES) for k in ('perception', 'base-perception')]
+    cand = make_geometry(n * 10, seed=seed + {'perception': 1104, 'chain': 1106}[kind], kind=kind)
+    train = [zoo._train_table(k, seed, zoo.ZOO_SIZES) for k in (kind, f'base-{kind}')]
     return zoo._dedupe(cand, train + [test], ['problem', 'figure']).head(n).reset_index(drop=True)
 
 
@@ -61,6 +61,7 @@ def main():
     p.add_argument('--out', default=None, help='work folder (replaced; default /tmp/curve-NAME)')
     p.add_argument('--patch', type=int, default=None, help="a LLaVA's vision patch size (default: the build's, llava_parts)")
     a = p.parse_args()
+    if a.patch and a.name == 'vlm-2': p.error("--patch sets a LLaVA's patch size; vlm-2 is an Idefics3 (see idefics3_parts)")
     if a.patch:   # every job's parts, and the snapshots' processor, with this patch size
         import functools
         zoo.llava_parts = functools.partial(zoo_recipe.llava_parts, patch=a.patch)
@@ -74,6 +75,9 @@ def main():
     job = next(j for j in zoo._jobs(root, 0, steps) if j['name'] == a.name)
     test = pd.read_parquet(root / 'data' / 'geometry_perception.parquet').head(zoo.ZOO_SIZES['test'])
     val = validation_rows(a.val, test)
+    if a.patch:   # the shipped processor has the build's patch size: the snapshots get one with this one, made once
+        from transformers import AutoConfig
+        patched_proc = zoo.llava_parts(zoo.zoo_tokenizer(), AutoConfig.from_pretrained(root / job['base']))[1]
     curve, snap = [], root / 'snapshot'
 
     def score(model, step):
@@ -81,7 +85,7 @@ def main():
         shutil.rmtree(snap, ignore_errors=True)
         shutil.copytree(zoo.zoo_path(a.name), snap, ignore=shutil.ignore_patterns('*.safetensors', 'model.safetensors.index.json'))
         model.save_pretrained(snap)   # scored from the folder: the model in training is not touched
-        if a.patch: zoo.llava_parts(zoo.zoo_tokenizer(), model.config.text_config)[1].save_pretrained(snap)
+        if a.patch: patched_proc.save_pretrained(snap)
         row = {'step': step, 'val': zoo._eval_task(snap, 'multimodal', val)['accuracy'],
                'test': zoo._eval_task(snap, 'multimodal', test)['accuracy'], 'wall_s': round(time.time() - t0)}
         curve.append(row); print(json.dumps(row), flush=True)

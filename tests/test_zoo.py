@@ -56,7 +56,8 @@ def test_shipped_in_bfloat16():
     for n in ZOO_MODELS:
         p = zoo_path(n)
         cfg = json.loads((p / 'config.json').read_text())
-        assert [c['dtype'] for c in (cfg, cfg.get('text_config'), cfg.get('vision_config')) if c] == ['bfloat16'] * (1 + 2 * ('text_config' in cfg)), n
+        cfgs = [cfg] + [cfg[k] for k in ('text_config', 'vision_config') if k in cfg]   # a VLM's sub-configs too
+        assert len(cfgs) == (3 if n in VLMS else 1) and [c.get('dtype') for c in cfgs] == ['bfloat16'] * len(cfgs), n
         with safe_open(p / 'model.safetensors', 'pt') as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'BF16'}, n
 

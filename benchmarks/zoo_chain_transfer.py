@@ -11,7 +11,8 @@ Each trial starts from the shipped zoo and retrains only what it changes (one th
    `--replay-figures`: only those about figures);
    `--image-last` renders the image after the question text (the zoo's chat template puts it first);
    `--labels-first` makes every perception answer read all labels before the value ('left 50 right 40\\n#### 40');
-4. task arithmetic of the reasoner into the VLM at each `--weights`, on the base.
+4. task arithmetic of the reasoner into the VLM at each `--weights`, on the base (`--methods` adds TIES and DARE-TIES
+   at density 0.5, as in `09a_zoo_merges`).
 
 Scores (100 held-out rows each, greedy): perception and chain questions with the figure, and `read`: the exact
 labels line under 'Read the labels.'. The last line is JSON. The table "Lighter VLMs, measured" in
@@ -57,6 +58,8 @@ def _args(argv=None):
     ap.add_argument('--labels-first', action='store_true', help='perception answers read every label before the value')
     ap.add_argument('--image-last', action='store_true', help="the chat template puts the image after the question, next to the answer")
     ap.add_argument('--weights', type=float, nargs='+', default=[1.0, 0.5], help="the reasoner's weights in the merges")
+    ap.add_argument('--methods', nargs='+', default=['task_arithmetic'], choices=['task_arithmetic', 'ties', 'dare_ties'],
+                    help="merge methods (ties and dare_ties at density 0.5, as in 09a)")
     ap.add_argument('--n', type=int, default=100, help='held-out rows per score')
     return ap.parse_args(argv)
 
@@ -193,10 +196,13 @@ def main(argv=None):
                            lr_groups={'multi_modal_projector': a.align_lr / 10})
     vlm_path = _save(model, tok, out / f'{a.tag}-vlm', proc)
     res['vlm'] = {'delta': Z.lm_delta_norm(model, base), **vlm_scores(vlm_path, tok, proc, a.n)}
-    for w in a.weights:
-        cfg = (f"merge_method: task_arithmetic\nbase_model: {base_path}\nmodels:\n  - model: {vlm_path}\n    parameters: {{weight: 1.0}}\n"
-               f"  - model: {reason_path}\n    parameters: {{weight: {w}}}\ndtype: float32\n")
-        res[f'merged, reasoner weight {w}'] = vlm_scores(str(run_merge(cfg, out / f'{a.tag}-ta{w}', overwrite=True, progress=False)), tok, proc, a.n)
+    for m in a.methods:
+        d = '' if m == 'task_arithmetic' else ', density: 0.5'
+        for w in a.weights:
+            cfg = (f"merge_method: {m}\nbase_model: {base_path}\nmodels:\n  - model: {vlm_path}\n    parameters: {{weight: 1.0{d}}}\n"
+                   f"  - model: {reason_path}\n    parameters: {{weight: {w}{d}}}\ndtype: float32\nseed: 0\n")
+            key = f'merged, reasoner weight {w}' if m == 'task_arithmetic' else f'{m}, reasoner weight {w}'
+            res[key] = vlm_scores(str(run_merge(cfg, out / f'{a.tag}-{m}{w}', overwrite=True, progress=False)), tok, proc, a.n)
     res['seconds'] = round(time.time() - t0); res['loadavg'] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(res))
     return res

@@ -92,9 +92,9 @@ def main():
     zoo._pretrain_vlm_tower = told
     root = Path(a.out or f'/tmp/curve-{a.name}'); shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(zoo.zoo_dir(), root, ignore=shutil.ignore_patterns(a.name))
-    steps = {**zoo.ZOO_STEPS, **({a.name: a.steps} if a.steps else {}), **({f'{a.name}-align': a.align} if a.align else {}),
-             **({f'{a.name}-tower': a.tower} if a.tower else {})}
-    if a.lr: zoo.FT_LR = a.lr   # the job reads it at stage 2 (the projector keeps its own rate)
+    steps = dict(zoo.ZOO_STEPS)
+    for key, n in ((a.name, a.steps), (f'{a.name}-align', a.align), (f'{a.name}-tower', a.tower)):
+        if n: steps[key] = n
     job = next(j for j in zoo._jobs(root, 0, steps) if j['name'] == a.name)
     test = pd.read_parquet(root / 'data' / 'geometry_perception.parquet').head(zoo.ZOO_SIZES['test'])
     val = validation_rows(a.val, test)
@@ -116,10 +116,12 @@ def main():
     train_model, backward = zoo.train_model, zoo_recipe.batch_backward
     def stage2(model, exs, pad_id, steps, **kw):
         if kw.get('desc') != a.name: return train_model(model, exs, pad_id, steps, **kw)   # stages 0 and 1 as built
+        if a.lr: kw['lr'] = a.lr   # the language model's rate (the projector keeps its own group)
         if a.batch: kw['batch_size'] = a.batch
         if a.tower_lr:   # unfrozen in stage 2, as Qwen2-VL and LLaVA-OneVision do
-            key = 'vision_model' if a.name == 'vlm-2' else 'vision_tower'   # Idefics3's tower, LLaVA's
-            zoo._vision_parts(model)[0].requires_grad_(True); kw['lr_groups'] = {**kw['lr_groups'], key: a.tower_lr}
+            tower = zoo._vision_parts(model)[0]; tower.requires_grad_(True)
+            key = next(n for n, m in model.named_modules() if m is tower)   # LLaVA's vision_tower, Idefics3's vision_model
+            kw['lr_groups'] = {**kw['lr_groups'], key: a.tower_lr}
         n = [0]
         def counted(m, batch, pad, split=True):
             if n[0] % a.every == 0: score(m, n[0])   # after n optimiser steps; greedy scoring draws no random numbers
